@@ -1,0 +1,109 @@
+"""The `stratagem` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from stratagem.errors import ConfigError, StratagemError
+
+DEFAULT_CONFIG = "demo"
+
+
+def _split_overrides(parser: argparse.ArgumentParser, extra: list[str]) -> list[str]:
+    for item in extra:
+        if not (item.startswith("--") and "." in item.split("=", 1)[0] and "=" in item):
+            parser.error(f"unrecognized argument {item!r} (overrides are written --section.key=value)")
+    return extra
+
+
+def cmd_train(args, overrides: list[str]) -> int:
+    from stratagem.data.synthetic import SyntheticCorpus
+    from stratagem.launcher.config import load_config
+    from stratagem.train.loop import train
+
+    config = load_config(args.config, overrides)
+    result = train(config, resume=args.resume, stop_after=args.stop_after)
+    entropy = SyntheticCorpus(config.data.synthetic, config.data.seq_len).entropy()
+    print(f"run directory   {result.run_dir}")
+    print(f"tensorboard     tensorboard --logdir {result.run_dir / 'tensorboard'}")
+    print(f"checkpoint      {result.checkpoint}")
+    if result.eval_loss is not None:
+        print(f"final eval loss {result.eval_loss:.4f} nats/token at step {result.step}; the corpus's exact "
+              f"entropy is {entropy.per_target:.4f} (Markov rate {entropy.markov_rate:.4f}, "
+              f"unigram {entropy.unigram:.4f}); gap {result.eval_loss - entropy.per_target:.4f}")
+    return 0
+
+
+def cmd_model(args, overrides: list[str]) -> int:
+    from stratagem.launcher.config import load_config, named_configs
+    from stratagem.model import FLAVORS, count_model
+
+    target = args.name
+    if target in FLAVORS:
+        config = load_config(None, [f"--model.flavor={target}", *overrides])
+    elif target in named_configs() or target.endswith(".toml"):
+        config = load_config(target, overrides)
+    else:
+        raise ConfigError(f"unknown model flavor or config {target!r}; flavors: {', '.join(FLAVORS)}; "
+                          f"configs: {', '.join(sorted(named_configs()))}")
+    seq_len = args.seq_len or config.data.seq_len
+    print(f"{config.flavor or target}: {len(config.model.layer_specs())} layers, sequence length {seq_len}")
+    print(count_model(config.model, seq_len).table())
+    return 0
+
+
+def cmd_config(args, overrides: list[str]) -> int:
+    from stratagem.launcher.config import dump_toml, load_config
+
+    print(dump_toml(load_config(args.config, overrides).to_dict()), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stratagem",
+        description="Pretrain dense, MoE and hybrid linear-attention language models.",
+        epilog="Any command that reads a config takes overrides such as --train.steps=50 --model.dim=128.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model on one process",
+                           description="Train from a config file or a named config (default: demo). "
+                                       "Writes runs/<run.name>/: config.toml, metrics.jsonl, tensorboard/, "
+                                       "checkpoints/step-N/.")
+    train.add_argument("config", nargs="?", default=DEFAULT_CONFIG,
+                       help="a .toml file or the name of a shipped config (default: demo)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the run's newest complete checkpoint (start fresh if it has none)")
+    train.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                       help="stop after this step with a checkpoint (continue later with --resume)")
+    train.set_defaults(func=cmd_train)
+
+    model = sub.add_parser("model", help="print a model's layer table, parameter counts and FLOPs per token")
+    model.add_argument("name", help="a model flavor (e.g. tiny, llama-7b) or a config")
+    model.add_argument("--seq-len", type=int, default=0, help="sequence length for attention FLOPs "
+                       "(default: the config's data.seq_len)")
+    model.set_defaults(func=cmd_model)
+
+    config = sub.add_parser("config", help="print the resolved config (after flavor and overrides)")
+    config.add_argument("config", nargs="?", default=DEFAULT_CONFIG)
+    config.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = _split_overrides(parser, extra)
+    try:
+        return args.func(args, overrides)
+    except StratagemError as err:
+        print(f"stratagem: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("stratagem: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

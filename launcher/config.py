@@ -1,0 +1,282 @@
+"""Typed run configuration: nested dataclasses loaded strictly from TOML plus `--section.key=value` overrides.
+
+Every problem (missing or malformed file, unknown key, wrong type, impossible value, unknown
+flavor) is raised as one `ConfigError` line naming the file (or the override), the key and the
+value, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from stratagem.data.synthetic import SyntheticConfig
+from stratagem.errors import ConfigError, ConfigValueError
+from stratagem.model.config import ModelConfig
+from stratagem.model.flavors import get_flavor
+from stratagem.train.config import TrainConfig
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+DATA_KINDS = ("synthetic",)
+
+
+@dataclass
+class RunConfig:
+    name: str = "demo"
+    dir: str = "runs"  # runs are written to <dir>/<name>/
+    seed: int = 0  # model init and everything random in training
+
+    def validate(self) -> None:
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise ConfigValueError("name", self.name, "must be a non-empty name without '/'")
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic"
+    seq_len: int = 128  # tokens a model sees per sample (samples hold seq_len + 1 tokens)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def validate(self) -> None:
+        if self.kind not in DATA_KINDS:
+            raise ConfigValueError("kind", self.kind, f"must be one of {', '.join(DATA_KINDS)}")
+        if self.seq_len <= 0:
+            raise ConfigValueError("seq_len", self.seq_len, "must be positive")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.synthetic.vocab_size
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    flavor: str = ""  # the model flavor the [model] section starts from ("" = ModelConfig defaults)
+
+    def to_dict(self) -> dict:
+        out = {"run": dataclasses.asdict(self.run), "model": {}, "data": dataclasses.asdict(self.data),
+               "train": dataclasses.asdict(self.train)}
+        if self.flavor:
+            out["model"]["flavor"] = self.flavor
+        out["model"].update(dataclasses.asdict(self.model))
+        return out
+
+
+def named_configs() -> dict[str, Path]:
+    """The ready-to-run configs shipped in the package's `configs/` folder, by name."""
+    folder = resources.files("stratagem") / "configs"
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".toml")}
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        return path
+    known = named_configs()
+    if name_or_path in known:
+        return known[name_or_path]
+    raise ConfigError(f"{name_or_path}: neither a config file nor a named config "
+                      f"(named configs: {', '.join(sorted(known))})")
+
+
+def load_config(name_or_path: str | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load a config file (or a named config; None means no file, only defaults) and apply overrides."""
+    table: dict = {}
+    source = "defaults"
+    if name_or_path is not None:
+        path = resolve_config_path(name_or_path)
+        source = str(path)
+        try:
+            table = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: invalid TOML: {err}") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: cannot read: {err}") from None
+    sources: dict[tuple[str, ...], str] = {}
+    _mark_sources(table, (), source, sources)
+    for override in overrides:
+        keys, value = parse_override(override)
+        _set_nested(table, keys, value, override)
+        sources[keys] = f"override {override}"
+    return build_config(table, source, sources)
+
+
+def parse_override(text: str) -> tuple[tuple[str, ...], object]:
+    """`--model.dim=128` -> (("model", "dim"), 128); values are read as TOML values, else as strings."""
+    body = text[2:] if text.startswith("--") else text
+    if "=" not in body or not body.split("=", 1)[0]:
+        raise ConfigError(f"override {text!r}: expected --section.key=value")
+    key, raw = body.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return tuple(key.split(".")), value
+
+
+def _set_nested(table: dict, keys: tuple[str, ...], value: object, override: str) -> None:
+    for key in keys[:-1]:
+        table = table.setdefault(key, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"override {override}: {key} is not a section")
+    table[keys[-1]] = value
+
+
+def _mark_sources(table: dict, prefix: tuple[str, ...], source: str, out: dict) -> None:
+    for key, value in table.items():
+        out[prefix + (key,)] = source
+        if isinstance(value, dict):
+            _mark_sources(value, prefix + (key,), source, out)
+
+
+def build_config(table: dict, source: str = "defaults", sources: dict | None = None) -> Config:
+    """Build and validate a Config from a parsed TOML table; `sources` maps key paths to their origin."""
+    sources = sources or {}
+
+    def where(keys: tuple[str, ...]) -> str:
+        for i in range(len(keys), 0, -1):
+            if keys[:i] in sources:
+                return sources[keys[:i]]
+        return source
+
+    table = dict(table)
+    model_table = table.pop("model", {})
+    if not isinstance(model_table, dict):
+        raise ConfigError(f"{where(('model',))}: model = {model_table!r}: expected a table")
+    model_table = dict(model_table)
+    flavor = model_table.pop("flavor", "")
+    if not isinstance(flavor, str):
+        raise ConfigError(f"{where(('model', 'flavor'))}: model.flavor = {flavor!r}: expected a string")
+    try:
+        base_model = get_flavor(flavor) if flavor else ModelConfig()
+    except ConfigError as err:
+        raise ConfigError(f"{where(('model', 'flavor'))}: model.flavor: {err}") from None
+
+    run = _build(RunConfig, table.pop("run", {}), ("run",), where)
+    data = _build(DataConfig, table.pop("data", {}), ("data",), where)
+    train = _build(TrainConfig, table.pop("train", {}), ("train",), where)
+    model = _build(ModelConfig, model_table, ("model",), where, base=base_model)
+    for key in table:
+        raise ConfigError(f"{where((key,))}: unknown section or key {key!r}"
+                          f"{_suggest(key, ['run', 'model', 'data', 'train'])}")
+    config = Config(run=run, model=model, data=data, train=train, flavor=flavor)
+    _validate(config, where)
+    return config
+
+
+def _validate(config: Config, where) -> None:
+    sections = {"run": config.run, "model": config.model, "data": config.data,
+                "data.synthetic": config.data.synthetic, "train": config.train}
+    for name, section in sections.items():
+        try:
+            section.validate()
+        except ConfigValueError as err:
+            keys = tuple(name.split(".")) + (err.key,)
+            raise ConfigError(f"{where(keys)}: {'.'.join(keys)} = {err.value!r}: {err.reason}") from None
+    try:
+        config.train.accumulation_steps(config.data.seq_len)
+    except ConfigValueError as err:
+        raise ConfigError(f"{where(('train', err.key))}: train.{err.key} = {err.value!r}: {err.reason}") from None
+    if config.model.vocab_size < config.data.vocab_size:
+        raise ConfigError(f"{where(('model', 'vocab_size'))}: model.vocab_size = {config.model.vocab_size}: "
+                          f"smaller than the data's vocabulary ({config.data.vocab_size} tokens)")
+
+
+def _build(cls, table, keys: tuple[str, ...], where, base=None):
+    """Strictly build dataclass `cls` from `table`: unknown keys and wrong types raise ConfigError."""
+    dotted = ".".join(keys)
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where(keys)}: {dotted} = {table!r}: expected a table")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in table.items():
+        if key not in names:
+            raise ConfigError(f"{where(keys + (key,))}: unknown key {dotted}.{key}"
+                              f"{_suggest(key, names, prefix=dotted + '.')}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            nested_base = getattr(base, key) if base is not None else None
+            values[key] = _build(hint, value, keys + (key,), where, base=nested_base)
+        else:
+            values[key] = _coerce(value, hint, f"{where(keys + (key,))}: {dotted}.{key}")
+    if base is not None:
+        return dataclasses.replace(base, **values)
+    return cls(**values)
+
+
+def _coerce(value, hint, label: str):
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{label} = {value!r}: expected true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{label} = {value!r}: expected an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{label} = {value!r}: expected a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{label} = {value!r}: expected a string")
+    if typing.get_origin(hint) in (list, types.GenericAlias) and typing.get_args(hint) == (str,):
+        if isinstance(value, str):  # "gla,gla,attention" on the command line
+            value = [part.strip() for part in value.split(",")]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise ConfigError(f"{label} = {value!r}: expected a list of strings")
+    raise TypeError(f"unsupported config field type {hint!r} for {label}")  # a bug in a dataclass
+
+
+def _suggest(key: str, names: typing.Iterable[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, list(names), n=1)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def dump_toml(table: dict) -> str:
+    """Write a nested dict of scalars, lists and tables as TOML (what the resolved config needs)."""
+    lines: list[str] = []
+
+    def emit(tbl: dict, prefix: str) -> None:
+        scalars = {k: v for k, v in tbl.items() if not isinstance(v, dict)}
+        if prefix:
+            lines.append(f"[{prefix}]")
+        for key, value in scalars.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        if prefix or scalars:
+            lines.append("")
+        for key, value in tbl.items():
+            if isinstance(value, dict):
+                emit(value, f"{prefix}.{key}" if prefix else key)
+
+    emit(table, "")
+    return "\n".join(lines)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")

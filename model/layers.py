@@ -1,0 +1,60 @@
+"""The layer-type registry: every mixer and feed-forward a model can be built from.
+
+A model is a list of `LayerSpec`s; each names one mixer (token mixing: ``attention``, later
+``gla``, ``deltanet`` ...) and one feed-forward (``mlp``, later ``moe``). A layer type is an
+``nn.Module`` class registered under its name with `register_mixer` or `register_ffn`, and it
+follows this protocol (checked at registration):
+
+- ``cls(cfg: ModelConfig)`` builds it; ``forward(x)`` maps ``[B, T, dim] -> [B, T, dim]``.
+- ``init_weights(self, std: float, out_std: float)`` draws its weights; ``out_std`` is for the
+  projection that writes into the residual stream (see `Transformer.init_weights`).
+- ``num_params(cfg) -> int``: parameters of one instance.
+- ``flops_per_token(cfg, seq_len) -> int``: forward matmul FLOPs per token (2 per
+  multiply-accumulate). Element-wise work (norms, activations, softmax, RoPE) is not counted.
+- ``activation_bytes_per_token(cfg, seq_len, dtype_bytes) -> int``: bytes of tensors the
+  layer keeps for backward per token in training, without activation checkpointing,
+  including its input if it saves it.
+
+These classmethods are the only source of a layer's size and cost: `count_model`, the cost
+model and the scaling-law module read them and never re-derive them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PROTOCOL = ("init_weights", "num_params", "flops_per_token", "activation_bytes_per_token")
+
+MIXERS: dict[str, type] = {}
+FFNS: dict[str, type] = {}
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """The layer types of one layer: a mixer name from `MIXERS`, a feed-forward from `FFNS`."""
+
+    mixer: str
+    ffn: str
+
+
+def _register(registry: dict[str, type], kind: str, name: str):
+    def register(cls: type) -> type:
+        missing = [m for m in PROTOCOL if not hasattr(cls, m)]
+        if missing:
+            raise TypeError(f"{kind} {name!r} ({cls.__name__}) lacks {', '.join(missing)}")
+        if name in registry:
+            raise ValueError(f"{kind} {name!r} is already registered by {registry[name].__name__}")
+        registry[name] = cls
+        return cls
+
+    return register
+
+
+def register_mixer(name: str):
+    """Class decorator: register a mixer layer type under `name`."""
+    return _register(MIXERS, "mixer", name)
+
+
+def register_ffn(name: str):
+    """Class decorator: register a feed-forward layer type under `name`."""
+    return _register(FFNS, "ffn", name)

@@ -1,0 +1,1 @@
+"""The training loop, optimizer, schedules, metrics and checkpoints."""

@@ -1,0 +1,139 @@
+"""Checkpoints: one `torch.distributed.checkpoint` (DCP) directory per step, committed atomically.
+
+Layout: `<run>/checkpoints/step-N/` holds the DCP files (model, optimizer, scheduler, step,
+data-loader position, RNG state) and `meta.json` (step, resolved config). A checkpoint is written
+into `step-N.partial/` and renamed to `step-N/` only when complete, so a crash mid-save never
+leaves a directory that looks complete; `*.partial` directories are ignored when resuming.
+DCP stores tensors by fully-qualified name, so loading does not depend on the layout that saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from stratagem.errors import CheckpointError
+
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """Everything besides model and optimizer that a resumed run needs to continue exactly."""
+
+    step: int
+    loader: dict
+    scheduler: dict
+
+
+class Checkpointer:
+    def __init__(self, folder: Path, keep: int = 0):
+        self.folder = Path(folder)
+        self.keep = keep
+
+    def complete(self) -> list[tuple[int, Path]]:
+        """Committed checkpoints, oldest first. A committed one missing its files is an error."""
+        if not self.folder.is_dir():
+            return []
+        found = []
+        for path in self.folder.iterdir():
+            match = _STEP_DIR.match(path.name)
+            if match and path.is_dir():
+                for required in (".metadata", "meta.json"):
+                    if not (path / required).is_file():
+                        raise CheckpointError(f"{path}: incomplete checkpoint, {required} is missing")
+                found.append((int(match.group(1)), path))
+        return sorted(found)
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1][1] if done else None
+
+    @staticmethod
+    def read_meta(path: Path) -> dict:
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+            if meta.get("format_version") != FORMAT_VERSION:
+                raise ValueError(f"format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+            int(meta["step"]), dict(meta["config"]["model"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{path / 'meta.json'}: unreadable checkpoint metadata ({err})") from None
+        return meta
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
+             config: dict) -> Path:
+        final = self.folder / f"step-{step}"
+        partial = self.folder / f"step-{step}.partial"
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        payload = {"model": model_sd, "optim": optim_sd, "step": state.step, "loader": state.loader,
+                   "scheduler": state.scheduler, "rng": torch.get_rng_state()}
+        with _single_process_quietly():
+            dcp.save(payload, checkpoint_id=str(partial), no_dist=not dist.is_initialized())
+        meta = {"format_version": FORMAT_VERSION, "step": step, "config": config}
+        (partial / "meta.json").write_text(json.dumps(meta, indent=1))
+        partial.rename(final)
+        self._prune()
+        return final
+
+    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+             template: TrainState) -> TrainState:
+        """Load into `model` and `optimizer` in place and restore the RNG; returns the rest.
+
+        DCP loads into the structure it is given, so `template` must carry the keys of the
+        loader and scheduler states (their current `state_dict()`s).
+        """
+        meta = self.read_meta(path)
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        payload = {"model": model_sd, "optim": optim_sd, "step": template.step, "loader": template.loader,
+                   "scheduler": template.scheduler, "rng": torch.get_rng_state()}
+        try:
+            with _single_process_quietly():
+                dcp.load(payload, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+        except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
+            reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"{path}: corrupt checkpoint, cannot load it ({reason})") from None
+        if payload["step"] != meta["step"]:
+            raise CheckpointError(f"{path}: corrupt checkpoint, meta.json says step {meta['step']} "
+                                  f"but the saved state is at step {payload['step']}")
+        set_state_dict(model, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optim"])
+        torch.set_rng_state(payload["rng"])
+        return TrainState(step=payload["step"], loader=payload["loader"], scheduler=payload["scheduler"])
+
+    def _prune(self) -> None:
+        if self.keep <= 0:
+            return
+        for _, path in self.complete()[:-self.keep]:
+            shutil.rmtree(path)
+
+
+@contextlib.contextmanager
+def _single_process_quietly():
+    """DCP warns on every call without a process group; one process is a supported, intended case."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def check_resumable(path: Path, config: dict) -> None:
+    """Refuse a checkpoint of a different model shape before anything is built or written."""
+    saved = Checkpointer.read_meta(path)["config"]["model"]
+    for key, value in config["model"].items():
+        if key != "flavor" and saved.get(key) != value:
+            raise CheckpointError(f"{path}: holds another run's checkpoint (model.{key} = {saved.get(key)!r}, "
+                                  f"this config has {value!r}); choose another run.name")

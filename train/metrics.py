@@ -1,0 +1,56 @@
+"""Per-step metrics: one JSON line per step in `metrics.jsonl` and the same scalars in TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from torch.utils.tensorboard import SummaryWriter
+
+
+class MetricsWriter:
+    """Appends to `<run>/metrics.jsonl` and `<run>/tensorboard/`.
+
+    On resume from step N, lines for steps after N (written by the attempt that crashed after its
+    last checkpoint) are dropped, and TensorBoard purges the same steps, so each step is recorded
+    once, by the attempt whose state the run continued from.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: int = 0):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        _truncate_after(self.path, resume_step)
+        self.file = self.path.open("a")
+        self.tensorboard_dir = Path(run_dir) / "tensorboard"
+        self.tb = SummaryWriter(str(self.tensorboard_dir), purge_step=resume_step + 1)
+
+    def log(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        step = record["step"]
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        self.tb.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
