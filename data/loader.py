@@ -27,6 +27,13 @@ class SequenceBatches:
             self.next_sample = stop
         return batches
 
+    def tokens_per_stream(self) -> dict[str, int]:
+        """Tokens served so far (inputs: seq_len per sample), by stream: this corpus is one stream."""
+        return {"synthetic": self.next_sample * self.corpus.seq_len}
+
+    def close(self) -> None:
+        """Nothing to release: samples are generated in this process."""
+
     def state_dict(self) -> dict:
         return {"split": self.split, "next_sample": self.next_sample}
 

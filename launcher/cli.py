@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from stratagem.errors import ConfigError, StratagemError
 
@@ -60,6 +61,29 @@ def cmd_config(args, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_data_tokenizer(args, overrides: list[str]) -> int:
+    from stratagem.data.tokenizer import train_tokenizer
+
+    path = train_tokenizer(args.input, Path(args.out), args.vocab_size, model_type=args.model_type,
+                           text_field=args.text_field, max_documents=args.max_documents,
+                           overwrite=args.overwrite)
+    print(f"tokenizer written to {path / 'tokenizer.model'} (card {path / 'tokenizer.json'})")
+    return 0
+
+
+def cmd_data_prepare(args, overrides: list[str]) -> int:
+    from stratagem.data.prepare import prepare
+
+    manifest = prepare(args.input, Path(args.tokenizer), args.seq_len, Path(args.out),
+                       val_fraction=args.val_fraction, text_field=args.text_field, workers=args.workers,
+                       skip_bad=args.skip_bad)
+    for split in ("train", "val"):
+        print(f"{split:5s} {manifest.documents[split]:>10,} documents {manifest.tokens[split]:>14,} tokens "
+              f"{manifest.samples[split]:>10,} samples of {manifest.seq_len + 1} tokens")
+    print(f"prepared {args.out} (manifest {Path(args.out) / 'manifest.json'})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stratagem",
@@ -77,23 +101,55 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue from the run's newest complete checkpoint (start fresh if it has none)")
     train.add_argument("--stop-after", type=int, default=None, metavar="STEP",
                        help="stop after this step with a checkpoint (continue later with --resume)")
-    train.set_defaults(func=cmd_train)
+    train.set_defaults(func=cmd_train, takes_overrides=True)
 
     model = sub.add_parser("model", help="print a model's layer table, parameter counts and FLOPs per token")
     model.add_argument("name", help="a model flavor (e.g. tiny, llama-7b) or a config")
     model.add_argument("--seq-len", type=int, default=0, help="sequence length for attention FLOPs "
                        "(default: the config's data.seq_len)")
-    model.set_defaults(func=cmd_model)
+    model.set_defaults(func=cmd_model, takes_overrides=True)
+
+    data = sub.add_parser("data", help="train tokenizers and prepare MDS shards").add_subparsers(
+        dest="data_command", required=True)
+    tokenizer = data.add_parser("tokenizer", help="train a sentencepiece tokenizer (byte fallback, fixed special ids)",
+                                description="Train a sentencepiece model on text files and write "
+                                            "OUT/tokenizer.model with its card OUT/tokenizer.json.")
+    tokenizer.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_GLOB",
+                           help=".txt, .jsonl or .parquet files (globs allowed)")
+    tokenizer.add_argument("--vocab-size", type=int, required=True)
+    tokenizer.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    tokenizer.add_argument("--out", required=True, help="folder to write the tokenizer into")
+    tokenizer.add_argument("--text-field", default="text", help="JSONL key / Parquet column holding the text")
+    tokenizer.add_argument("--max-documents", type=int, default=None, help="train on at most this many documents")
+    tokenizer.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --out")
+    tokenizer.set_defaults(func=cmd_data_tokenizer)
+
+    prep = data.add_parser("prepare", help="tokenize text into packed, resumable MDS shards",
+                           description="Encode documents (EOS appended), pack them into seq_len + 1 token "
+                                       "samples and write OUT/train, OUT/val (MDS) and OUT/manifest.json. "
+                                       "Re-running after an interruption resumes where it stopped.")
+    prep.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_GLOB")
+    prep.add_argument("--tokenizer", required=True, help="a folder written by `stratagem data tokenizer`")
+    prep.add_argument("--seq-len", type=int, required=True)
+    prep.add_argument("--out", required=True)
+    prep.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (default 0.01)")
+    prep.add_argument("--text-field", default="text")
+    prep.add_argument("--workers", type=int, default=2, help="encoding processes (default 2)")
+    prep.add_argument("--skip-bad", action="store_true",
+                      help="skip malformed JSONL lines (counted and reported) instead of stopping")
+    prep.set_defaults(func=cmd_data_prepare)
 
     config = sub.add_parser("config", help="print the resolved config (after flavor and overrides)")
     config.add_argument("config", nargs="?", default=DEFAULT_CONFIG)
-    config.set_defaults(func=cmd_config)
+    config.set_defaults(func=cmd_config, takes_overrides=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     overrides = _split_overrides(parser, extra)
     try:
         return args.func(args, overrides)

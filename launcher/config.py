@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from stratagem.data.synthetic import SyntheticConfig
+from stratagem.data.config import DataConfig
 from stratagem.errors import ConfigError, ConfigValueError
 from stratagem.model.config import ModelConfig
 from stratagem.model.flavors import get_flavor
@@ -26,9 +25,6 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-DATA_KINDS = ("synthetic",)
-
-
 @dataclass
 class RunConfig:
     name: str = "demo"
@@ -38,23 +34,6 @@ class RunConfig:
     def validate(self) -> None:
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise ConfigValueError("name", self.name, "must be a non-empty name without '/'")
-
-
-@dataclass
-class DataConfig:
-    kind: str = "synthetic"
-    seq_len: int = 128  # tokens a model sees per sample (samples hold seq_len + 1 tokens)
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-
-    def validate(self) -> None:
-        if self.kind not in DATA_KINDS:
-            raise ConfigValueError("kind", self.kind, f"must be one of {', '.join(DATA_KINDS)}")
-        if self.seq_len <= 0:
-            raise ConfigValueError("seq_len", self.seq_len, "must be positive")
-
-    @property
-    def vocab_size(self) -> int:
-        return self.synthetic.vocab_size
 
 
 @dataclass
@@ -180,7 +159,7 @@ def build_config(table: dict, source: str = "defaults", sources: dict | None = N
 
 def _validate(config: Config, where) -> None:
     sections = {"run": config.run, "model": config.model, "data": config.data,
-                "data.synthetic": config.data.synthetic, "train": config.train}
+                "data.synthetic": config.data.synthetic, "data.mds": config.data.mds, "train": config.train}
     for name, section in sections.items():
         try:
             section.validate()
@@ -191,9 +170,14 @@ def _validate(config: Config, where) -> None:
         config.train.accumulation_steps(config.data.seq_len)
     except ConfigValueError as err:
         raise ConfigError(f"{where(('train', err.key))}: train.{err.key} = {err.value!r}: {err.reason}") from None
-    if config.model.vocab_size < config.data.vocab_size:
-        raise ConfigError(f"{where(('model', 'vocab_size'))}: model.vocab_size = {config.model.vocab_size}: "
-                          f"smaller than the data's vocabulary ({config.data.vocab_size} tokens)")
+    if config.data.kind == "synthetic":  # prepared streams are checked against their tokenizer at start
+        check_vocab(config, config.data.synthetic.vocab_size, where(("model", "vocab_size")))
+
+
+def check_vocab(config: Config, data_vocab: int, source: str) -> None:
+    if config.model.vocab_size < data_vocab:
+        raise ConfigError(f"{source}: model.vocab_size = {config.model.vocab_size}: "
+                          f"smaller than the data's vocabulary ({data_vocab} tokens)")
 
 
 def _build(cls, table, keys: tuple[str, ...], where, base=None):
@@ -209,14 +193,28 @@ def _build(cls, table, keys: tuple[str, ...], where, base=None):
             raise ConfigError(f"{where(keys + (key,))}: unknown key {dotted}.{key}"
                               f"{_suggest(key, names, prefix=dotted + '.')}")
         hint = hints[key]
+        item = _list_item_type(hint)
         if dataclasses.is_dataclass(hint):
             nested_base = getattr(base, key) if base is not None else None
             values[key] = _build(hint, value, keys + (key,), where, base=nested_base)
+        elif item is not None and dataclasses.is_dataclass(item):
+            if not isinstance(value, list):
+                raise ConfigError(f"{where(keys + (key,))}: {dotted}.{key} = {value!r}: expected an array of "
+                                  f"tables ([[{dotted}.{key}]])")
+            values[key] = [_build(item, entry, keys + (f"{key}[{i}]",), where) for i, entry in enumerate(value)]
         else:
             values[key] = _coerce(value, hint, f"{where(keys + (key,))}: {dotted}.{key}")
     if base is not None:
         return dataclasses.replace(base, **values)
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where(keys)}: {dotted}: missing key {missing[0]!r}")
     return cls(**values)
+
+
+def _list_item_type(hint):
+    return typing.get_args(hint)[0] if typing.get_origin(hint) is list else None
 
 
 def _coerce(value, hint, label: str):
@@ -236,7 +234,7 @@ def _coerce(value, hint, label: str):
         if isinstance(value, str):
             return value
         raise ConfigError(f"{label} = {value!r}: expected a string")
-    if typing.get_origin(hint) in (list, types.GenericAlias) and typing.get_args(hint) == (str,):
+    if _list_item_type(hint) is str:
         if isinstance(value, str):  # "gla,gla,attention" on the command line
             value = [part.strip() for part in value.split(",")]
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
@@ -254,19 +252,26 @@ def dump_toml(table: dict) -> str:
     """Write a nested dict of scalars, lists and tables as TOML (what the resolved config needs)."""
     lines: list[str] = []
 
-    def emit(tbl: dict, prefix: str) -> None:
-        scalars = {k: v for k, v in tbl.items() if not isinstance(v, dict)}
-        if prefix:
-            lines.append(f"[{prefix}]")
+    def is_tables(value) -> bool:
+        return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+    def emit(tbl: dict, header: str, prefix: str) -> None:
+        scalars = {k: v for k, v in tbl.items() if not isinstance(v, dict) and not is_tables(v)}
+        if header:
+            lines.append(header)
         for key, value in scalars.items():
             lines.append(f"{key} = {_toml_value(value)}")
-        if prefix or scalars:
+        if header or scalars:
             lines.append("")
         for key, value in tbl.items():
+            name = f"{prefix}.{key}" if prefix else key
             if isinstance(value, dict):
-                emit(value, f"{prefix}.{key}" if prefix else key)
+                emit(value, f"[{name}]", name)
+            elif is_tables(value):
+                for entry in value:
+                    emit(entry, f"[[{name}]]", name)
 
-    emit(table, "")
+    emit(table, "", "")
     return "\n".join(lines)
 
 

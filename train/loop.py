@@ -11,10 +11,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from stratagem.data.loader import SequenceBatches, eval_batches
-from stratagem.data.synthetic import SyntheticCorpus
+from stratagem.data.pipeline import build_eval_batches, build_train_batches, data_vocab_size
 from stratagem.errors import CheckpointError
-from stratagem.launcher.config import Config, dump_toml
+from stratagem.launcher.config import Config, check_vocab, dump_toml
 from stratagem.model import Transformer, count_model
 from stratagem.train.checkpoint import Checkpointer, TrainState, check_resumable
 from stratagem.train.metrics import MetricsWriter, read_metrics
@@ -83,6 +82,8 @@ def train(config: Config, resume: bool = False, stop_after: int | None = None,
     tc = config.train
     run_dir = run_dir_of(config)
     latest = prepare_run_dir(config, resume)
+    if config.data.kind == "mds":  # synthetic vocabularies are checked when the config loads
+        check_vocab(config, data_vocab_size(config.data), "data.mds.streams (their tokenizer)")
     if tc.threads:
         torch.set_num_threads(tc.threads)
 
@@ -90,10 +91,9 @@ def train(config: Config, resume: bool = False, stop_after: int | None = None,
     model = Transformer(config.model)
     optimizer = build_optimizer(model, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(tc, s))
-    corpus = SyntheticCorpus(config.data.synthetic, config.data.seq_len)
     accumulation = tc.accumulation_steps(config.data.seq_len)
-    batches = SequenceBatches(corpus, tc.micro_batch_size, accumulation, split="train")
-    held_out = eval_batches(corpus, tc.micro_batch_size, tc.eval_batches)
+    batches = build_train_batches(config.data, tc.micro_batch_size, accumulation, config.run.seed)
+    held_out = build_eval_batches(config.data, tc.micro_batch_size, tc.eval_batches)
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints)
 
     start = 0
@@ -138,6 +138,7 @@ def train(config: Config, resume: bool = False, stop_after: int | None = None,
                       "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
                       "mfu": counts.train_flops_per_token * tokens_per_s / tc.peak_flops,
                       "phase": schedule_phase(tc, step - 1)}
+            record.update({f"tokens/{name}": n for name, n in batches.tokens_per_stream().items()})
             this_eval = None
             if (tc.eval_every and step % tc.eval_every == 0) or step == tc.steps:
                 this_eval = eval_loss = evaluate(model, held_out, config)
@@ -150,6 +151,7 @@ def train(config: Config, resume: bool = False, stop_after: int | None = None,
     finally:
         progress.close()
         metrics.close()
+        batches.close()
     if eval_loss is None:
         eval_loss = next((r["eval_loss"] for r in reversed(read_metrics(run_dir)) if "eval_loss" in r), None)
     return TrainResult(run_dir=run_dir, step=max(start, last), loss=loss, eval_loss=eval_loss,
