@@ -1,9 +1,9 @@
 """Training batches streamed from prepared MDS datasets (`stratagem data prepare`) with mosaicml-streaming.
 
 `StreamingBatches` serves the same interface as `data.loader.SequenceBatches` over one or more
-prepared datasets mixed by weight, read through ``streaming.StreamingDataset`` and
-``StreamingDataLoader``. ``import streaming`` costs seconds, so it happens inside functions only:
-importing this module (the config does, for `StreamSpec`) stays cheap.
+prepared datasets mixed by weight, read through ``streaming.StreamingDataset`` and a torch
+DataLoader. ``import streaming`` costs seconds, so it happens inside functions only: importing
+this module (the config does, for `StreamSpec`) stays cheap.
 
 Sample order, and what streaming guarantees
 -------------------------------------------
@@ -35,7 +35,8 @@ Two things streaming does not give on its own are fixed here:
   lcm(G, num_canonical_nodes) (up, if the data holds less): an epoch is a whole number of steps,
   and epochs follow each other endlessly, each reshuffled and resampled with ``seed + epoch``.
 - The position. ``StreamingDataLoader.state_dict`` counts the samples one rank yielded and reads
-  the epoch from shared memory, which lags the iterator at epoch ends. This module keeps the
+  the epoch from shared memory, which lags the iterator at epoch ends (so a plain DataLoader
+  serves here, whose workers this module can also stop deterministically). This module keeps the
   position itself (epoch, global samples into it, step) and hands it to
   ``StreamingDataset.load_state_dict`` in streaming's own format before each epoch, so resuming
   (also on another world size, or with another ``num_workers``) continues at the next sample.
@@ -51,7 +52,12 @@ Other behaviours worth knowing
   a remote stream is downloaded into its ``path`` (the cache) and checked on download. A shard
   already decompressed is not checked again.
 - ``cache_limit`` evicts shards by deleting their files from a stream's local folder, so it is
-  refused when a stream has no remote: it would delete the prepared data itself.
+  refused when a stream has no remote: it would delete the prepared data itself. It is also
+  refused below the room the readers' download windows need (`_cache_limit_problem`): with less,
+  streaming can evict a shard a reader still waits for, and that reader waits forever.
+- `tokens_per_stream()` and `state_dict()` count every rank's samples: one all_reduce, so every
+  rank calls them (the training loop does, each step and at checkpoints); the state is then the
+  same on all ranks.
 - Streaming coordinates workers through POSIX shared memory; a job killed with its resource
   tracker (e.g. the whole process group) leaves it behind, and a leftover registration of a
   cache folder makes the next job with that folder fail. Before opening datasets, local rank 0
@@ -68,12 +74,16 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from stratagem.data.sources import DataError
+
+if TYPE_CHECKING:
+    from stratagem.data.prepare import Manifest
 
 STATE_KIND = "mds"
 HASH_ALGORITHM = "sha1"  # what `stratagem data prepare` records for every shard
@@ -108,7 +118,7 @@ def check_streams(streams: Sequence[StreamSpec], seq_len: int) -> dict:
     return dict(manifests[0][1].tokenizer)
 
 
-def _load_manifests(streams: Sequence[StreamSpec], seq_len: int) -> list[tuple[Path, object]]:
+def _load_manifests(streams: Sequence[StreamSpec], seq_len: int) -> list[tuple[Path, Manifest]]:
     from stratagem.data.prepare import MANIFEST_FILE, load_manifest
     from stratagem.data.tokenizer import card_mismatch
 
@@ -452,8 +462,6 @@ class StreamingBatches:
     def __init__(self, streams: list[StreamSpec], seq_len: int, micro_batch_size: int, accumulation: int,
                  split: str = "train", seed: int = 0, num_workers: int = 2, cache_limit: str | None = None,
                  num_canonical_nodes: int = 1, shuffle: bool = True, validate_hash: bool = True):
-        from streaming import StreamingDataLoader
-
         for label, value in (("micro_batch_size", micro_batch_size), ("accumulation", accumulation),
                              ("num_canonical_nodes", num_canonical_nodes)):
             if value <= 0:
@@ -470,7 +478,8 @@ class StreamingBatches:
         if cache_limit and any(not spec.remote for spec in streams):
             local = next(spec for spec in streams if not spec.remote)
             raise DataError(f"cache_limit {cache_limit!r} would let streaming evict (delete) shards of the local "
-                            f"stream {local.name!r} from {local.path}; set cache_limit only when every stream is remote")
+                            f"stream {local.name!r} from {local.path}; set cache_limit only when every stream "
+                            f"is remote")
         self.layout = layout = rank_layout()
         nodes = layout.nodes
         if num_canonical_nodes % nodes and nodes % num_canonical_nodes:
@@ -494,8 +503,8 @@ class StreamingBatches:
         if problem:
             self._dataset.__del__()  # unregister its cache folders now: the error's traceback keeps it alive
             raise DataError(problem)
-        self._loader = StreamingDataLoader(self._dataset, batch_size=micro_batch_size, num_workers=num_workers,
-                                           collate_fn=_collate)
+        self._loader = torch.utils.data.DataLoader(self._dataset, batch_size=micro_batch_size,
+                                                   num_workers=num_workers, collate_fn=_collate)
         self._epoch = self._sample_in_epoch = self._step = 0
         self._local_samples = [0] * len(streams)  # served by this rank since start or load
         self._base_tokens = [0] * len(streams)  # global tokens per stream at the loaded checkpoint
@@ -538,9 +547,9 @@ class StreamingBatches:
                 if next(batches, None) is not None:
                     raise RuntimeError(f"streaming served more than the {expected} micro-batches of epoch {epoch}")
             finally:
-                # Stop the workers now (as StreamingDataLoader.__del__ does): after an error its
-                # traceback keeps the iterator alive, and a garbage collection that finds it later,
-                # e.g. while the next epoch's workers start, can hang in the join.
+                # Stop the workers now (StreamingDataLoader.__del__ calls the same): after an error
+                # its traceback keeps the iterator alive, and a garbage collection that finds it
+                # later, e.g. while the next epoch's workers start, can hang in the join.
                 getattr(batches, "_shutdown_workers", lambda: None)()
 
     def _streaming_state(self) -> dict:

@@ -42,13 +42,14 @@ def write_dataset(root: Path, stream: int, train: int, val: int, seq_len: int = 
     """A prepared directory: per split, `parts` MDS parts under part-NNNNN/ and a root index.json."""
     from streaming import MDSWriter
 
+    columns = {"tokens": "ndarray:int32", "doc_starts": "ndarray:int32"}
     for split, count in (("train", train), ("val", val)):
         bounds = np.linspace(0, count, parts + 1).astype(int)
         shards = []
         for part in range(parts):
             name = f"part-{part:05d}"
-            with MDSWriter(out=str(root / split / name), columns={"tokens": "ndarray:int32", "doc_starts": "ndarray:int32"},
-                           compression="zstd", hashes=["sha1"], size_limit=shard_samples * (seq_len + 8) * 4) as writer:
+            with MDSWriter(out=str(root / split / name), columns=columns, compression="zstd", hashes=["sha1"],
+                           size_limit=shard_samples * (seq_len + 8) * 4) as writer:
                 for i in range(bounds[part], bounds[part + 1]):
                     writer.write({"tokens": sample_tokens(stream, split, i, seq_len),
                                   "doc_starts": np.array([0, 5], np.int32)})
@@ -63,7 +64,7 @@ def write_dataset(root: Path, stream: int, train: int, val: int, seq_len: int = 
                 "val_fraction": 0.1, "documents": {"train": train, "val": val},
                 "tokens": {"train": train * seq_len, "val": val * seq_len}, "samples": {"train": train, "val": val},
                 "dropped_tokens": {"train": 0, "val": 0}, "sources": [],
-                "columns": {"tokens": "ndarray:int32", "doc_starts": "ndarray:int32"}}
+                "columns": columns}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
 
@@ -109,6 +110,15 @@ def run(paths: list[str], micro: int, workers: int, state: dict | None = None, s
     out["tokens"] = loader.tokens_per_stream()
     loader.close()
     return out
+
+
+def one_line_error(call, *args, **kwargs) -> str:
+    """The message of the DataError that call(...) raises, which must be one line."""
+    with pytest.raises(DataError) as caught:
+        call(*args, **kwargs)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
 
 
 def as_lists(steps: list[list[torch.Tensor]]) -> list[list[list[int]]]:
@@ -230,7 +240,8 @@ def test_remote_streams_read_through_the_cache_like_local_copies(pristine, mix, 
     big = write_dataset(tmp_path / "big", 2, train=800, val=4, seq_len=seq, shard_samples=25)
     index = big / "train" / "index.json"
     shards = json.loads(index.read_text())["shards"]
-    minimum = index.stat().st_size + 4 * max(shard["raw_data"]["bytes"] + shard["zip_data"]["bytes"] for shard in shards)
+    largest = max(shard["raw_data"]["bytes"] + shard["zip_data"]["bytes"] for shard in shards)
+    minimum = index.stat().st_size + 4 * largest
     small = [StreamSpec(str(tmp_path / "small"), remote=str(big))]
     refusal = one_line_error(StreamingBatches, small, seq, 1, 1, num_workers=0, cache_limit=f"{minimum + 1}b")
     limit = int(re.search(r"deadlock below (\d+) bytes", refusal).group(1))
@@ -250,14 +261,6 @@ def test_remote_streams_read_through_the_cache_like_local_copies(pristine, mix, 
 
 
 # ---- bad input: one line naming the file ------------------------------------------------------
-
-def one_line_error(call, *args, **kwargs) -> str:
-    with pytest.raises(DataError) as caught:
-        call(*args, **kwargs)
-    message = str(caught.value)
-    assert "\n" not in message
-    return message
-
 
 def test_bad_streams_are_refused_before_any_work(mix, tmp_path):
     missing = tmp_path / "nothing"
