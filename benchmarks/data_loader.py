@@ -17,16 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from stratagem.data.streaming import StreamingBatches, StreamSpec
+
+import report  # benchmarks/report.py, beside this script
 
 SEQ_LEN, VOCAB, MICRO_BATCH = 128, 4096, 32
 STREAMS = {"web": (35_000, 0.7), "code": (15_000, 0.3)}  # train samples, weight
@@ -117,12 +117,9 @@ def main() -> None:
         "startup_s": {name: round(statistics.median(values), 2) for name, values in startups.items()},
         "ratio_workers_2_over_0": round(median["workers_2"] / median["workers_0"], 2),
         "times_tiny_training_speed": {name: round(value / train, 1) for name, value in median.items()},
-        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "processor": platform.machine(),
-                    "load_average_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)]},  # before, after
+        "machine": report.machine(load_average_1min_before=round(load_before, 2)),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
+    report.write(result, args.out)
 
 
 if __name__ == "__main__":

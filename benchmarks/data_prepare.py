@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import tempfile
 import time
@@ -22,6 +20,8 @@ from pathlib import Path
 
 from stratagem.data.prepare import prepare
 from stratagem.data.tokenizer import train_tokenizer
+
+import report  # benchmarks/report.py, beside this script
 
 VARIANTS = {"workers_1": 1, "workers_2": 2}
 SEQ_LEN = 1024
@@ -81,11 +81,9 @@ def main() -> None:
         "variants": {name: {"workers": VARIANTS[name], "tokens": tokens, "seconds": round(value, 3),
                             "tokens_per_s": round(tokens / value)} for name, value in best.items()},
         "ratio_workers_2_over_1": round(best["workers_1"] / best["workers_2"], 3),
-        "machine": {"cpus": os.cpu_count(), "processor": platform.machine(), "python": platform.python_version()},
+        "machine": report.machine(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
+    report.write(result, args.out)
 
 
 if __name__ == "__main__":

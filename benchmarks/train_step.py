@@ -10,19 +10,17 @@ tokens/s over the steps after warm-up plus the B/A ratio. Writes benchmarks/resu
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import tempfile
 from pathlib import Path
-
-import torch
 
 from stratagem.launcher.config import load_config
 from stratagem.model import count_model
 from stratagem.train.loop import train
 from stratagem.train.metrics import read_metrics
+
+import report  # benchmarks/report.py, beside this script
 
 VARIANTS = {"fp32": "--train.autocast=none", "bf16_autocast": "--train.autocast=bf16"}
 WARMUP_STEPS = 5
@@ -62,12 +60,9 @@ def main() -> None:
         "steps_per_variant": len(samples["fp32"]),
         "tokens_per_s": {name: round(value) for name, value in median.items()},
         "ratio_bf16_autocast_over_fp32": round(median["bf16_autocast"] / median["fp32"], 3),
-        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "processor": platform.machine()},
+        "machine": report.machine(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
+    report.write(result, args.out)
 
 
 if __name__ == "__main__":
