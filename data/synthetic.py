@@ -235,6 +235,11 @@ class SyntheticCorpus:
     def entropy(self) -> CorpusEntropy:
         return self._entropy
 
+    def position_kinds(self) -> torch.Tensor:
+        """The kind of each of the ``seq_len + 1`` positions, the same in every sample: LongTensor
+        of MARKOV, KEY, VALUE, QUERY_KEY or QUERY_VALUE (names in KIND_NAMES)."""
+        return self._kinds.clone()
+
     # -- sampling ---------------------------------------------------------------------------
 
     def _uniforms(self, indices: list[int], split: str) -> torch.Tensor:

@@ -18,7 +18,8 @@ class ModelConfig:
     n_kv_heads: int = 4
     ffn_hidden: int = 192  # SwiGLU hidden width
     vocab_size: int = 256
-    # Layer types tiled over n_layers; each entry is "mixer" (feed-forward `ffn`) or "mixer+ffn".
+    # Layer types tiled over n_layers; each entry is "mixer" (feed-forward `ffn`) or "mixer+ffn",
+    # optionally repeated as "N*entry": ["3*gated_deltanet", "attention"] is a 3:1 hybrid.
     pattern: list[str] = field(default_factory=lambda: ["attention"])
     ffn: str = "mlp"
     norm: str = "pre"  # "pre": normalise sublayer inputs; "peri": inputs and outputs (Peri-LN)
@@ -26,18 +27,32 @@ class ModelConfig:
     tie_embeddings: bool = False
     rope_theta: float = 10000.0
     init_std: float = 0.02
+    # Linear-attention mixers (gla, deltanet, gated_deltanet) use n_heads heads of head_dim for
+    # queries, keys and values alike (n_kv_heads applies to attention and swa only).
+    chunk_size: int = 64  # tokens per chunk of the chunked kernels (a power of two)
+    conv_size: int = 4  # short causal depthwise conv on q, k, v of linear mixers; 0 disables it
+    swa_window: int = 256  # tokens a "swa" layer attends to, its own included
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
     def layer_specs(self) -> list[LayerSpec]:
-        """One `LayerSpec` per layer: `pattern` repeated until it covers `n_layers`."""
-        specs = [self._parse(entry) for entry in self.pattern]
+        """One `LayerSpec` per layer: the expanded `pattern` repeated until it covers `n_layers`."""
+        specs = self._period()
         return [specs[i % len(specs)] for i in range(self.n_layers)]
 
+    def _period(self) -> list[LayerSpec]:
+        """The pattern with every "N*entry" expanded: one spec per layer of one period."""
+        return [spec for entry in self.pattern for spec in [self._parse(entry)] * self._repeats(entry)]
+
+    @staticmethod
+    def _repeats(entry: str) -> int:
+        count, star, _ = entry.rpartition("*")
+        return int(count) if star else 1
+
     def _parse(self, entry: str) -> LayerSpec:
-        mixer, _, ffn = entry.partition("+")
+        mixer, _, ffn = entry.rpartition("*")[2].partition("+")
         return LayerSpec(mixer=mixer, ffn=ffn or self.ffn)
 
     def validate(self) -> None:
@@ -55,22 +70,30 @@ class ModelConfig:
                                    f"does not divide n_heads = {self.n_heads}")
         if not self.pattern:
             raise ConfigValueError("pattern", self.pattern, "must list at least one layer type")
-        if self.n_layers % len(self.pattern):
-            raise ConfigValueError("n_layers", self.n_layers,
-                                   f"is not a multiple of len(pattern) = {len(self.pattern)}")
         if self.ffn not in FFNS:
             raise ConfigValueError("ffn", self.ffn, f"unknown ffn; known: {', '.join(sorted(FFNS))}")
         for entry in self.pattern:
             self._validate_entry(entry)
+        period = len(self._period())
+        if self.n_layers % period:
+            raise ConfigValueError("n_layers", self.n_layers,
+                                   f"is not a multiple of the pattern's {period} layers")
         if self.norm not in NORMS:
             raise ConfigValueError("norm", self.norm, f"must be one of {', '.join(NORMS)}")
-        for key in ("norm_eps", "init_std", "rope_theta"):
+        for key in ("norm_eps", "init_std", "rope_theta", "swa_window"):
             if getattr(self, key) <= 0:
                 raise ConfigValueError(key, getattr(self, key), "must be positive")
+        if self.chunk_size <= 0 or self.chunk_size & (self.chunk_size - 1):
+            raise ConfigValueError("chunk_size", self.chunk_size, "must be a power of two")
+        if self.conv_size < 0:
+            raise ConfigValueError("conv_size", self.conv_size, "must not be negative (0 disables the conv)")
 
     def _validate_entry(self, entry: str) -> None:
-        if not isinstance(entry, str) or entry.count("+") > 1:
-            raise ConfigValueError("pattern", entry, "each entry must be 'mixer' or 'mixer+ffn'")
+        if not isinstance(entry, str) or entry.count("+") > 1 or entry.count("*") > 1:
+            raise ConfigValueError("pattern", entry, "each entry must be 'mixer', 'mixer+ffn' or 'N*' before either")
+        count, star, _ = entry.partition("*")
+        if star and not (count.isdigit() and int(count) > 0):
+            raise ConfigValueError("pattern", entry, f"repeat count {count!r} must be a positive integer")
         spec = self._parse(entry)
         if spec.mixer not in MIXERS:
             raise ConfigValueError("pattern", entry, f"unknown mixer {spec.mixer!r}; "

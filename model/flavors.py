@@ -13,6 +13,27 @@ FLAVORS: dict[str, ModelConfig] = {
     "tiny-peri": ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=192, vocab_size=256,
                              norm="peri"),
     "small": ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_hidden=768, vocab_size=256),
+    # Linear-attention and hybrid test models, the "tiny" shape with other mixers.
+    "tiny-gla": ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=192, vocab_size=256,
+                            pattern=["gla"]),
+    "tiny-deltanet": ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=192, vocab_size=256,
+                                 pattern=["deltanet"]),
+    "tiny-gated-deltanet": ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=192,
+                                       vocab_size=256, pattern=["gated_deltanet"]),
+    "tiny-hybrid": ModelConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=192, vocab_size=256,
+                               pattern=["3*gated_deltanet", "attention"]),
+    "tiny-swa-hybrid": ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=192, vocab_size=256,
+                                   pattern=["gated_deltanet", "swa"], swa_window=16),
+    # The two scales of the published linear-attention and hybrid studies trained with
+    # flash-linear-attention (GLA, DeltaNet, Gated DeltaNet and the hybrid analyses that mix
+    # them with attention): "340M" (dim 1024) and "1.3B" (dim 2048), 24 layers, Llama-2's
+    # 32000-token vocabulary, tied embeddings, SwiGLU at ~8/3 dim; here 3 gated_deltanet :
+    # 1 attention with head_dim 128. The linear layers' output gate makes them ~360M and ~1.38B.
+    "hybrid-340m": ModelConfig(dim=1024, n_layers=24, n_heads=8, n_kv_heads=8, ffn_hidden=2816, vocab_size=32000,
+                               tie_embeddings=True, pattern=["3*gated_deltanet", "attention"]),
+    "hybrid-1.3b": ModelConfig(dim=2048, n_layers=24, n_heads=16, n_kv_heads=16, ffn_hidden=5632,
+                               vocab_size=32000, tie_embeddings=True,
+                               pattern=["3*gated_deltanet", "attention"]),
     # Llama-3.2-1B's shape.
     "llama-1b": ModelConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_hidden=8192,
                             vocab_size=128256, tie_embeddings=True, rope_theta=500000.0),

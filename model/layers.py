@@ -1,9 +1,9 @@
 """The layer-type registry: every mixer and feed-forward a model can be built from.
 
-A model is a list of `LayerSpec`s; each names one mixer (token mixing: ``attention``, later
-``gla``, ``deltanet`` ...) and one feed-forward (``mlp``, later ``moe``). A layer type is an
-``nn.Module`` class registered under its name with `register_mixer` or `register_ffn`, and it
-follows this protocol (checked at registration):
+A model is a list of `LayerSpec`s; each names one mixer (token mixing: ``attention``, ``swa``,
+``gla``, ``deltanet``, ``gated_deltanet``) and one feed-forward (``mlp``, later ``moe``). A
+layer type is an ``nn.Module`` class registered under its name with `register_mixer` or
+`register_ffn`, and it follows this protocol (checked at registration):
 
 - ``cls(cfg: ModelConfig)`` builds it; ``forward(x)`` maps ``[B, T, dim] -> [B, T, dim]``.
 - ``init_weights(self, std: float, out_std: float)`` draws its weights; ``out_std`` is for the
@@ -17,6 +17,15 @@ follows this protocol (checked at registration):
 
 These classmethods are the only source of a layer's size and cost: `count_model`, the cost
 model and the scaling-law module read them and never re-derive them.
+
+Mixers also generate token by token (`model.generate`), carrying what they need from the past in
+a cache of their own type:
+
+- ``init_cache(self, batch, device, dtype)``: the cache before the first token (an attention
+  layer's empty KV cache; a linear layer's zero recurrent state and conv inputs).
+- ``forward_step(self, x_t, cache) -> (y_t, cache)``: one token, ``x_t [B, dim] -> y_t [B, dim]``,
+  at the position after those the cache has seen. Feeding a sequence through ``forward_step``
+  one token at a time gives ``forward``'s outputs (up to rounding).
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PROTOCOL = ("init_weights", "num_params", "flops_per_token", "activation_bytes_per_token")
+MIXER_PROTOCOL = (*PROTOCOL, "init_cache", "forward_step")
 
 MIXERS: dict[str, type] = {}
 FFNS: dict[str, type] = {}
@@ -37,9 +47,9 @@ class LayerSpec:
     ffn: str
 
 
-def _register(registry: dict[str, type], kind: str, name: str):
+def _register(registry: dict[str, type], kind: str, name: str, protocol: tuple[str, ...]):
     def register(cls: type) -> type:
-        missing = [m for m in PROTOCOL if not hasattr(cls, m)]
+        missing = [m for m in protocol if not hasattr(cls, m)]
         if missing:
             raise TypeError(f"{kind} {name!r} ({cls.__name__}) lacks {', '.join(missing)}")
         if name in registry:
@@ -52,9 +62,9 @@ def _register(registry: dict[str, type], kind: str, name: str):
 
 def register_mixer(name: str):
     """Class decorator: register a mixer layer type under `name`."""
-    return _register(MIXERS, "mixer", name)
+    return _register(MIXERS, "mixer", name, MIXER_PROTOCOL)
 
 
 def register_ffn(name: str):
     """Class decorator: register a feed-forward layer type under `name`."""
-    return _register(FFNS, "ffn", name)
+    return _register(FFNS, "ffn", name, PROTOCOL)

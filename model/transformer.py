@@ -41,10 +41,19 @@ class Block(nn.Module):
                 norm.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.mixer(self.mixer_norm(x))
-        h = x + (self.mixer_out_norm(out) if self.mixer_out_norm is not None else out)
-        out = self.ffn(self.ffn_norm(h))
-        return h + (self.ffn_out_norm(out) if self.ffn_out_norm is not None else out)
+        return self._ffn_sublayer(self._residual(x, self.mixer(self.mixer_norm(x)), self.mixer_out_norm))
+
+    def forward_step(self, x: torch.Tensor, cache) -> tuple[torch.Tensor, object]:
+        """One token, ``x [B, dim]``, with the mixer's cache (see `model.layers`)."""
+        out, cache = self.mixer.forward_step(self.mixer_norm(x), cache)
+        return self._ffn_sublayer(self._residual(x, out, self.mixer_out_norm)), cache
+
+    def _ffn_sublayer(self, h: torch.Tensor) -> torch.Tensor:
+        return self._residual(h, self.ffn(self.ffn_norm(h)), self.ffn_out_norm)
+
+    @staticmethod
+    def _residual(x: torch.Tensor, out: torch.Tensor, out_norm: RMSNorm | None) -> torch.Tensor:
+        return x + (out_norm(out) if out_norm is not None else out)
 
     @staticmethod
     def n_norms(cfg: ModelConfig) -> int:
@@ -104,6 +113,28 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h)
+        return self._logits(h)
+
+    def init_caches(self, batch: int, device: torch.device | None = None,
+                    dtype: torch.dtype | None = None) -> list:
+        """Every layer's empty generation cache (by default on the model's device and dtype)."""
+        weight = self.tok_embeddings.weight
+        return [layer.mixer.init_cache(batch, device or weight.device, dtype or weight.dtype)
+                for layer in self.layers]
+
+    def forward_step(self, tokens: torch.Tensor, caches: list) -> tuple[torch.Tensor, list]:
+        """The next position: ``tokens [B]`` -> ``(logits [B, vocab_size] float32, caches)``.
+
+        Stepping through a sequence gives the logits of `forward` on it, position by position.
+        """
+        h = self.tok_embeddings(tokens)
+        new_caches = []
+        for layer, cache in zip(self.layers, caches, strict=True):
+            h, cache = layer.forward_step(h, cache)
+            new_caches.append(cache)
+        return self._logits(h), new_caches
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
         h = self.norm(h)
         logits = self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
         return logits.float()
