@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -23,16 +22,9 @@ from stratagem.model import ModelConfig
 from stratagem.model.layers import MIXERS
 
 import report  # benchmarks/report.py, beside this script
+from timing import time_in_turns  # benchmarks/timing.py
 
 MIXER_NAMES = ("gla", "deltanet", "gated_deltanet", "swa", "attention")
-
-
-def time_layer(layer: torch.nn.Module, x: torch.Tensor) -> float:
-    """Seconds for one forward and backward pass (gradients of the input and the weights)."""
-    layer.zero_grad(set_to_none=True)
-    began = time.perf_counter()
-    layer(x).sum().backward()
-    return time.perf_counter() - began
 
 
 def main() -> None:
@@ -51,12 +43,7 @@ def main() -> None:
     results = {}
     for T in args.lengths:
         x = torch.randn(1, T, cfg.dim, requires_grad=True)
-        for layer in layers.values():  # warm-up: RoPE tables, allocator, first-call overheads
-            time_layer(layer, x)
-        seconds: dict[str, list[float]] = {name: [] for name in MIXER_NAMES}
-        for _ in range(args.rounds):
-            for name, layer in layers.items():
-                seconds[name].append(time_layer(layer, x))
+        seconds = time_in_turns(layers, x, args.rounds)
         for name in MIXER_NAMES:
             median = statistics.median(seconds[name])
             flops = MIXERS[name].flops_per_token(cfg, T)

@@ -164,7 +164,7 @@ def _validate(config: Config, where) -> None:
         try:
             section.validate()
         except ConfigValueError as err:
-            keys = tuple(name.split(".")) + (err.key,)
+            keys = tuple(name.split(".")) + tuple(err.key.split("."))  # "moe.top_k" -> model.moe.top_k
             raise ConfigError(f"{where(keys)}: {'.'.join(keys)} = {err.value!r}: {err.reason}") from None
     try:
         config.train.accumulation_steps(config.data.seq_len)

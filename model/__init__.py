@@ -1,9 +1,9 @@
 """Model: layer specs and the layer-type registry, attention (full and sliding-window), linear
-attention (GLA, DeltaNet, Gated DeltaNet), SwiGLU, norms, the Transformer, greedy generation,
-named flavors and the per-layer counts (parameters, FLOPs, activation memory)."""
+attention (GLA, DeltaNet, Gated DeltaNet), SwiGLU, mixture of experts, norms, the Transformer,
+greedy generation, named flavors and the per-layer counts (parameters, FLOPs, activation memory)."""
 
 # Importing the layer-type modules registers them in MIXERS / FFNS.
-from stratagem.model import attention, linear_attention, mlp  # noqa: F401
+from stratagem.model import attention, linear_attention, mlp, moe  # noqa: F401
 from stratagem.model.config import ModelConfig
 from stratagem.model.counts import count_model
 from stratagem.model.flavors import FLAVORS, get_flavor

@@ -8,6 +8,46 @@ from stratagem.errors import ConfigValueError
 from stratagem.model.layers import FFNS, MIXERS, LayerSpec
 
 NORMS = ("pre", "peri")
+ROUTERS = ("softmax", "sigmoid")
+MOE_MODES = ("dropless", "capacity")
+
+
+@dataclass
+class MoEConfig:
+    """The ``moe`` feed-forward (`model.moe`), TOML ``[model.moe]``; ignored by models without it."""
+
+    num_experts: int = 8
+    top_k: int = 2  # experts per token
+    expert_hidden: int = 0  # SwiGLU width of each expert; 0 means ffn_hidden (fine-grained experts: smaller)
+    num_shared_experts: int = 0  # experts of width expert_hidden that every token also goes through
+    router: str = "softmax"  # softmax | sigmoid: scores from the router logits, in float32
+    renormalize: bool = True  # divide each token's top-k weights by their sum
+    mode: str = "dropless"  # dropless | capacity (at most capacity_factor * N * top_k / num_experts per expert)
+    capacity_factor: float = 1.25
+    aux_loss_coef: float = 0.01  # switch load-balancing loss
+    z_loss_coef: float = 0.001  # router z-loss: mean squared logsumexp of the logits
+    bias_update_rate: float = 0.0  # aux-loss-free balancing: > 0 adds a per-expert selection bias
+
+    def validate(self) -> None:
+        """Raise `ConfigValueError` with a key relative to `ModelConfig` (``moe.top_k``)."""
+        if self.num_experts < 1:
+            raise ConfigValueError("moe.num_experts", self.num_experts, "must be at least 1")
+        if self.top_k < 1:
+            raise ConfigValueError("moe.top_k", self.top_k, "must be at least 1")
+        if self.top_k > self.num_experts:
+            raise ConfigValueError("moe.top_k", self.top_k, f"exceeds moe.num_experts = {self.num_experts}")
+        for key in ("expert_hidden", "num_shared_experts"):
+            if getattr(self, key) < 0:
+                raise ConfigValueError(f"moe.{key}", getattr(self, key), "must not be negative")
+        if self.router not in ROUTERS:
+            raise ConfigValueError("moe.router", self.router, f"must be one of {', '.join(ROUTERS)}")
+        if self.mode not in MOE_MODES:
+            raise ConfigValueError("moe.mode", self.mode, f"must be one of {', '.join(MOE_MODES)}")
+        if self.capacity_factor <= 0:
+            raise ConfigValueError("moe.capacity_factor", self.capacity_factor, "must be positive")
+        for key in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+            if getattr(self, key) < 0:
+                raise ConfigValueError(f"moe.{key}", getattr(self, key), "must not be negative")
 
 
 @dataclass
@@ -32,10 +72,16 @@ class ModelConfig:
     chunk_size: int = 64  # tokens per chunk of the chunked kernels (a power of two)
     conv_size: int = 4  # short causal depthwise conv on q, k, v of linear mixers; 0 disables it
     swa_window: int = 256  # tokens a "swa" layer attends to, its own included
+    moe: MoEConfig = field(default_factory=MoEConfig)  # the "moe" feed-forward's experts and router
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def expert_hidden(self) -> int:
+        """The SwiGLU width of each "moe" expert: ``moe.expert_hidden``, or ffn_hidden when it is 0."""
+        return self.moe.expert_hidden or self.ffn_hidden
 
     def layer_specs(self) -> list[LayerSpec]:
         """One `LayerSpec` per layer: the expanded `pattern` repeated until it covers `n_layers`."""
@@ -87,6 +133,7 @@ class ModelConfig:
             raise ConfigValueError("chunk_size", self.chunk_size, "must be a power of two")
         if self.conv_size < 0:
             raise ConfigValueError("conv_size", self.conv_size, "must not be negative (0 disables the conv)")
+        self.moe.validate()
 
     def _validate_entry(self, entry: str) -> None:
         if not isinstance(entry, str) or entry.count("+") > 1 or entry.count("*") > 1:

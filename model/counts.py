@@ -19,6 +19,7 @@ class LayerCounts:
     mixer: str
     ffn: str
     params: int
+    active_params: int  # used by one token: a mixture of experts counts only top_k experts
     flops_per_token: int  # forward matmul FLOPs
     activation_bytes_per_token: int  # saved for backward in training, no checkpointing
 
@@ -30,6 +31,7 @@ class ModelCounts:
     head_params: int  # 0 when the head is tied to the embedding
     final_norm_params: int
     total_params: int
+    active_params: int  # what one token uses: total_params less the experts it is not routed to
     non_embedding_params: int  # total minus the embedding and an untied head
     forward_flops_per_token: int  # all layers plus the output head
     train_flops_per_token: int  # 3 * forward: the backward costs about twice the forward
@@ -48,10 +50,12 @@ class ModelCounts:
                            enumerate(zip(row, widths))) for row in [header, *rows]]
         lines.insert(1, "-" * len(lines[0]))
         act = sum(c.activation_bytes_per_token for c in self.layers)
+        active = (f"{human_count(self.active_params)} active per token, "
+                  if self.active_params != self.total_params else "")
         lines += [
             "",
             f"parameters      {human_count(self.total_params)} total, "
-            f"{human_count(self.non_embedding_params)} non-embedding "
+            f"{active}{human_count(self.non_embedding_params)} non-embedding "
             f"(embedding {human_count(self.embedding_params)}, head {human_count(self.head_params)}"
             f"{' (tied)' if self.head_params == 0 else ''}, final norm {human_count(self.final_norm_params)})",
             f"FLOP per token  {human_flops(self.forward_flops_per_token)} forward, "
@@ -65,7 +69,7 @@ def count_model(cfg: ModelConfig, seq_len: int, dtype_bytes: int = 4) -> ModelCo
     """Counts for `cfg` trained on sequences of `seq_len` tokens with activations of `dtype_bytes`."""
     cfg.validate()
     layers = [LayerCounts(index=i, mixer=spec.mixer, ffn=spec.ffn,
-                          params=Block.num_params(cfg, spec),
+                          params=Block.num_params(cfg, spec), active_params=Block.active_params(cfg, spec),
                           flops_per_token=Block.flops_per_token(cfg, spec, seq_len),
                           activation_bytes_per_token=Block.activation_bytes_per_token(cfg, spec, seq_len, dtype_bytes))
               for i, spec in enumerate(cfg.layer_specs())]
@@ -73,9 +77,10 @@ def count_model(cfg: ModelConfig, seq_len: int, dtype_bytes: int = 4) -> ModelCo
     head = 0 if cfg.tie_embeddings else cfg.dim * cfg.vocab_size
     final_norm = RMSNorm.num_params(cfg.dim)
     total = sum(c.params for c in layers) + embedding + head + final_norm
+    active = sum(c.active_params for c in layers) + embedding + head + final_norm
     forward = sum(c.flops_per_token for c in layers) + 2 * cfg.dim * cfg.vocab_size
     return ModelCounts(layers=layers, embedding_params=embedding, head_params=head,
-                       final_norm_params=final_norm, total_params=total,
+                       final_norm_params=final_norm, total_params=total, active_params=active,
                        non_embedding_params=total - embedding - head,
                        forward_flops_per_token=forward, train_flops_per_token=3 * forward)
 

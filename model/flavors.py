@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 from stratagem.errors import ConfigError
-from stratagem.model.config import ModelConfig
+from stratagem.model.config import ModelConfig, MoEConfig
 
 FLAVORS: dict[str, ModelConfig] = {
     # The demo and test model.
@@ -24,6 +24,20 @@ FLAVORS: dict[str, ModelConfig] = {
                                pattern=["3*gated_deltanet", "attention"]),
     "tiny-swa-hybrid": ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=192, vocab_size=256,
                                    pattern=["gated_deltanet", "swa"], swa_window=16),
+    # Mixture-of-experts test models: the "tiny" shape with 8 experts of half its ffn width (96),
+    # top-2, so that a token's expert compute equals tiny's dense feed-forward.
+    "tiny-moe": ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=192, vocab_size=256,
+                            ffn="moe", moe=MoEConfig(num_experts=8, top_k=2, expert_hidden=96)),
+    "tiny-hybrid-moe": ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=192, vocab_size=256,
+                                   pattern=["gated_deltanet+moe", "attention+moe"],
+                                   moe=MoEConfig(num_experts=8, top_k=2, expert_hidden=96)),
+    # A small model of Mixtral-8x7B's proportions (Jiang et al. 2024; JetMoE-8B routes its
+    # feed-forward the same way): every layer's SwiGLU replaced by 8 experts of which a softmax
+    # router picks 2 (weights renormalised over the two), experts 3.5 x dim wide (14336 / 4096),
+    # 4:1 grouped-query attention, rope_theta 1e6, Llama-2's 32000-token vocabulary, untied head;
+    # scaled to dim 512 and 8 layers: ~214M parameters, ~82M active per token.
+    "moe-small": ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, ffn_hidden=1792, vocab_size=32000,
+                             rope_theta=1e6, ffn="moe", moe=MoEConfig(num_experts=8, top_k=2)),
     # The two scales of the published linear-attention and hybrid studies trained with
     # flash-linear-attention (GLA, DeltaNet, Gated DeltaNet and the hybrid analyses that mix
     # them with attention): "340M" (dim 1024) and "1.3B" (dim 2048), 24 layers, Llama-2's

@@ -1,7 +1,7 @@
 """The layer-type registry: every mixer and feed-forward a model can be built from.
 
 A model is a list of `LayerSpec`s; each names one mixer (token mixing: ``attention``, ``swa``,
-``gla``, ``deltanet``, ``gated_deltanet``) and one feed-forward (``mlp``, later ``moe``). A
+``gla``, ``deltanet``, ``gated_deltanet``) and one feed-forward (``mlp``, ``moe``). A
 layer type is an ``nn.Module`` class registered under its name with `register_mixer` or
 `register_ffn`, and it follows this protocol (checked at registration):
 
@@ -14,6 +14,9 @@ layer type is an ``nn.Module`` class registered under its name with `register_mi
 - ``activation_bytes_per_token(cfg, seq_len, dtype_bytes) -> int``: bytes of tensors the
   layer keeps for backward per token in training, without activation checkpointing,
   including its input if it saves it.
+
+Optionally, ``active_params(cfg) -> int``: the parameters one token goes through (a mixture of
+experts uses top_k of its experts); `active_params` below falls back to ``num_params``.
 
 These classmethods are the only source of a layer's size and cost: `count_model`, the cost
 model and the scaling-law module read them and never re-derive them.
@@ -58,6 +61,13 @@ def _register(registry: dict[str, type], kind: str, name: str, protocol: tuple[s
         return cls
 
     return register
+
+
+def active_params(cls: type, cfg) -> int:
+    """Parameters of layer type `cls` that one token uses: its ``active_params(cfg)`` if it has one,
+    else all of them (``num_params(cfg)``)."""
+    counted = getattr(cls, "active_params", None)
+    return counted(cfg) if counted is not None else cls.num_params(cfg)
 
 
 def register_mixer(name: str):

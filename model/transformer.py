@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stratagem.model.config import ModelConfig
-from stratagem.model.layers import FFNS, MIXERS, LayerSpec
+from stratagem.model.layers import FFNS, MIXERS, LayerSpec, active_params
 from stratagem.model.norms import RMSNorm
 
 
@@ -65,6 +65,12 @@ class Block(nn.Module):
                 + cls.n_norms(cfg) * RMSNorm.num_params(cfg.dim))
 
     @classmethod
+    def active_params(cls, cfg: ModelConfig, spec: LayerSpec) -> int:
+        """The parameters one token uses (a mixture of experts uses top_k of its experts)."""
+        return (active_params(MIXERS[spec.mixer], cfg) + active_params(FFNS[spec.ffn], cfg)
+                + cls.n_norms(cfg) * RMSNorm.num_params(cfg.dim))
+
+    @classmethod
     def flops_per_token(cls, cfg: ModelConfig, spec: LayerSpec, seq_len: int) -> int:
         """Forward matmul FLOPs per token of the mixer and the ffn (norms are element-wise)."""
         return MIXERS[spec.mixer].flops_per_token(cfg, seq_len) + FFNS[spec.ffn].flops_per_token(cfg, seq_len)
@@ -92,8 +98,8 @@ class Transformer(nn.Module):
 
     def init_weights(self) -> None:
         """Embedding, head and every sublayer weight ~ N(0, init_std), norm weights 1, except the
-        projections that write into the residual stream (attention wo, mlp w2), drawn with
-        std init_std / sqrt(2 * n_layers).
+        projections that write into the residual stream (attention wo, mlp and expert w2), drawn
+        with std init_std / sqrt(2 * n_layers).
 
         Each of the 2 * n_layers sublayers adds its output to the residual stream, so with
         independent outputs its variance grows with their number; shrinking those projections

@@ -21,6 +21,7 @@ PATTERNS = {
     "gated_deltanet": ["gated_deltanet"],
     "hybrid": ["gated_deltanet", "gla", "swa", "attention"],
     "no-conv-peri": ["gla", "deltanet"],
+    "moe-hybrid": ["gated_deltanet+moe", "attention+moe"],
 }
 
 

@@ -15,6 +15,7 @@ from stratagem.data.pipeline import build_eval_batches, build_train_batches, dat
 from stratagem.errors import CheckpointError
 from stratagem.launcher.config import Config, check_vocab, dump_toml
 from stratagem.model import Transformer, count_model
+from stratagem.model.moe import moe_metrics, set_aux_loss_scale, update_expert_biases
 from stratagem.train.checkpoint import Checkpointer, TrainState, check_resumable
 from stratagem.train.metrics import MetricsWriter, read_metrics
 from stratagem.train.optim import build_optimizer
@@ -92,6 +93,7 @@ def train(config: Config, resume: bool = False, stop_after: int | None = None,
     optimizer = build_optimizer(model, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(tc, s))
     accumulation = tc.accumulation_steps(config.data.seq_len)
+    set_aux_loss_scale(model, 1 / accumulation)  # MoE auxiliary losses, scaled like the LM loss
     batches = build_train_batches(config.data, tc.micro_batch_size, accumulation, config.run.seed)
     held_out = build_eval_batches(config.data, tc.micro_batch_size, tc.eval_batches)
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints)
@@ -128,6 +130,7 @@ def train(config: Config, resume: bool = False, stop_after: int | None = None,
             max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
             optimizer.step()
+            update_expert_biases(model)  # aux-loss-free MoE balancing, from this step's expert load
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             seconds = time.perf_counter() - began
@@ -139,6 +142,7 @@ def train(config: Config, resume: bool = False, stop_after: int | None = None,
                       "mfu": counts.train_flops_per_token * tokens_per_s / tc.peak_flops,
                       "phase": schedule_phase(tc, step - 1)}
             record.update({f"tokens/{name}": n for name, n in batches.tokens_per_stream().items()})
+            record.update(moe_metrics(model))  # per MoE layer: load balance, drops, aux losses
             this_eval = None
             if (tc.eval_every and step % tc.eval_every == 0) or step == tc.steps:
                 this_eval = eval_loss = evaluate(model, held_out, config)
