@@ -36,18 +36,24 @@ def cmd_train(args, overrides: list[str]) -> int:
     return 0
 
 
-def cmd_model(args, overrides: list[str]) -> int:
+def _flavor_or_config(target: str, overrides: list[str]):
+    """The Config of a model flavor (other sections at their defaults), a config file or a named config."""
     from stratagem.launcher.config import load_config, named_configs
-    from stratagem.model import FLAVORS, count_model
+    from stratagem.model import FLAVORS
+
+    if target in FLAVORS:
+        return load_config(None, [f"--model.flavor={target}", *overrides])
+    if target in named_configs() or target.endswith(".toml"):
+        return load_config(target, overrides)
+    raise ConfigError(f"unknown model flavor or config {target!r}; flavors: {', '.join(FLAVORS)}; "
+                      f"configs: {', '.join(sorted(named_configs()))}")
+
+
+def cmd_model(args, overrides: list[str]) -> int:
+    from stratagem.model import count_model
 
     target = args.name
-    if target in FLAVORS:
-        config = load_config(None, [f"--model.flavor={target}", *overrides])
-    elif target in named_configs() or target.endswith(".toml"):
-        config = load_config(target, overrides)
-    else:
-        raise ConfigError(f"unknown model flavor or config {target!r}; flavors: {', '.join(FLAVORS)}; "
-                          f"configs: {', '.join(sorted(named_configs()))}")
+    config = _flavor_or_config(target, overrides)
     seq_len = args.seq_len or config.data.seq_len
     print(f"{config.flavor or target}: {len(config.model.layer_specs())} layers, sequence length {seq_len}")
     print(count_model(config.model, seq_len).table())
@@ -84,7 +90,47 @@ def cmd_data_prepare(args, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_plan_show(args, overrides: list[str]) -> int:
+    from stratagem.parallel.plan import VERSION, check_plan, describe, load_plan
+
+    plan = load_plan(args.plan)
+    specs = None
+    if args.model:
+        model = _flavor_or_config(args.model, overrides).model
+        check_plan(plan, model)
+        specs = model.layer_specs()
+    print(f"{args.plan} (plan version {VERSION})")
+    print(describe(plan, specs))
+    return 0
+
+
+def cmd_plan_check(args, overrides: list[str]) -> int:
+    from stratagem.parallel.plan import check_plan, load_plan, summary
+
+    plan = load_plan(args.plan)
+    check_plan(plan, _flavor_or_config(args.model, overrides).model, world=args.world)
+    print(f"{args.plan}: OK for {args.model}: {summary(plan)}")
+    return 0
+
+
+def cmd_plan_new(args, overrides: list[str]) -> int:
+    from stratagem.parallel.plan import dump_plan, summary, uniform_plan
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise ConfigError(f"{out}: already exists; pass --force to replace it")
+    plan = uniform_plan(_flavor_or_config(args.model, overrides).model, args.world, tp=args.tp, pp=args.pp,
+                        dp=args.dp, checkpoint=args.checkpoint, ep=args.ep, virtual_stages=args.virtual_stages,
+                        schedule=args.schedule, micro_batch_size=args.micro_batch_size,
+                        num_micro_batches=args.micro_batches, notes=f"uniform plan for {args.model}")
+    dump_plan(plan, out)
+    print(f"wrote {out}: {summary(plan)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from stratagem.parallel.plan import CHECKPOINTS, DP_KINDS, SCHEDULES  # no torch
+
     parser = argparse.ArgumentParser(
         prog="stratagem",
         description="Pretrain dense, MoE and hybrid linear-attention language models.",
@@ -138,6 +184,42 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--skip-bad", action="store_true",
                       help="skip malformed JSONL lines (counted and reported) instead of stopping")
     prep.set_defaults(func=cmd_data_prepare)
+
+    plan = sub.add_parser("plan", help="write, check and show parallel plans (plan.json)").add_subparsers(
+        dest="plan_command", required=True)
+    show = plan.add_parser("show", help="print a plan: world, pipeline, predicted figures and a per-layer table")
+    show.add_argument("plan", help="a plan .json file")
+    show.add_argument("--model", default=None, metavar="FLAVOR_OR_CONFIG",
+                      help="check the plan against this model and show its layer types")
+    show.set_defaults(func=cmd_plan_show, takes_overrides=True)
+    check = plan.add_parser("check", help="validate a plan against a model (and a world size)",
+                            description="Validate a plan against a model flavor or config: stages, degrees, "
+                                        "the layer types' shardable sizes. Exit status 0 if it is usable, 2 if not.")
+    check.add_argument("plan", help="a plan .json file")
+    check.add_argument("--model", required=True, metavar="FLAVOR_OR_CONFIG")
+    check.add_argument("--world", type=int, default=None, metavar="N",
+                       help="the job's number of ranks: must be the plan's world_size")
+    check.set_defaults(func=cmd_plan_check, takes_overrides=True)
+    new = plan.add_parser("new", help="write a plan giving every layer the same layout",
+                          description="Write a uniform plan: PP even pipeline stages of WORLD / PP ranks, each "
+                                      "layer on a (WORLD / PP / TP) x TP data x tensor mesh.")
+    new.add_argument("--model", required=True, metavar="FLAVOR_OR_CONFIG")
+    new.add_argument("--world", type=int, required=True, metavar="N", help="number of ranks")
+    new.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
+    new.add_argument("--pp", type=int, default=1, help="pipeline degree (default 1)")
+    new.add_argument("--dp", choices=DP_KINDS, default="ddp",
+                     help="data-parallel kind: ddp replicated, zero2 sharded grads and optimizer, "
+                          "fsdp fully sharded (default ddp)")
+    new.add_argument("--ep", type=int, default=1, help="expert-parallel degree of the moe layers (default 1)")
+    new.add_argument("--checkpoint", choices=CHECKPOINTS, default="none", help="activation checkpointing")
+    new.add_argument("--virtual-stages", type=int, default=1, help="model stages per pipeline rank (default 1)")
+    new.add_argument("--schedule", choices=SCHEDULES, default="1f1b")
+    new.add_argument("--micro-batch-size", type=int, default=None,
+                     help="sequences per micro-batch over a stage's data-parallel ranks (default: one per rank)")
+    new.add_argument("--micro-batches", type=int, default=None, help="micro-batches per step (default: PP)")
+    new.add_argument("--out", required=True, help="the plan file to write")
+    new.add_argument("--force", action="store_true", help="replace an existing --out")
+    new.set_defaults(func=cmd_plan_new, takes_overrides=True)
 
     config = sub.add_parser("config", help="print the resolved config (after flavor and overrides)")
     config.add_argument("config", nargs="?", default=DEFAULT_CONFIG)
