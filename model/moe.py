@@ -235,7 +235,7 @@ def _padded_matmul(tokens_per_expert: torch.Tensor):
 
     def matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         padded = a.new_zeros(num_experts * capacity, a.shape[-1]).index_copy(0, slot, a)
-        return torch.bmm(padded.view(num_experts, capacity, -1), w).flatten(0, 1).index_select(0, slot)
+        return torch.bmm(padded.view(num_experts, capacity, a.shape[-1]), w).flatten(0, 1).index_select(0, slot)
 
     return matmul
 
