@@ -24,7 +24,10 @@ def cmd_train(args, overrides: list[str]) -> int:
     from stratagem.train.loop import train
 
     config = load_config(args.config, overrides)
-    result = train(config, resume=args.resume, stop_after=args.stop_after)
+    if args.nproc or args.plan:
+        result = _train_on_ranks(config, args)
+    else:
+        result = train(config, resume=args.resume, stop_after=args.stop_after)
     entropy = SyntheticCorpus(config.data.synthetic, config.data.seq_len).entropy()
     print(f"run directory   {result.run_dir}")
     print(f"tensorboard     tensorboard --logdir {result.run_dir / 'tensorboard'}")
@@ -34,6 +37,26 @@ def cmd_train(args, overrides: list[str]) -> int:
               f"entropy is {entropy.per_target:.4f} (Markov rate {entropy.markov_rate:.4f}, "
               f"unigram {entropy.unigram:.4f}); gap {result.eval_loss - entropy.per_target:.4f}")
     return 0
+
+
+def _train_on_ranks(config, args):
+    """`train` on --nproc local ranks under --plan (default: data parallelism), everything checked first."""
+    from stratagem.launcher.local import run_local
+    from stratagem.parallel.plan import load_plan
+    from stratagem.parallel.runtime import check_train_plan, default_plan
+    from stratagem.train.loop import prepare_run_dir
+
+    plan = load_plan(args.plan) if args.plan else default_plan(config, args.nproc)
+    nproc = args.nproc or plan.world_size
+    check_train_plan(config, plan, nproc)
+    prepare_run_dir(config, args.resume)
+    return run_local(nproc, _train_rank, config, plan, args.resume, args.stop_after)[0]
+
+
+def _train_rank(config, plan, resume: bool, stop_after: int | None):
+    from stratagem.train.loop import train
+
+    return train(config, resume=resume, stop_after=stop_after, plan=plan)
 
 
 def _flavor_or_config(target: str, overrides: list[str]):
@@ -137,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Any command that reads a config takes overrides such as --train.steps=50 --model.dim=128.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train a model on one process",
+    train = sub.add_parser("train", help="train a model on one process or, with --nproc / --plan, on local ranks",
                            description="Train from a config file or a named config (default: demo). "
                                        "Writes runs/<run.name>/: config.toml, metrics.jsonl, tensorboard/, "
                                        "checkpoints/step-N/.")
@@ -147,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue from the run's newest complete checkpoint (start fresh if it has none)")
     train.add_argument("--stop-after", type=int, default=None, metavar="STEP",
                        help="stop after this step with a checkpoint (continue later with --resume)")
+    train.add_argument("--nproc", type=int, default=None, metavar="N",
+                       help="local processes (ranks) to train on, gloo on CPUs, NCCL on GPUs (default: one "
+                            "process, or the plan's world size)")
+    train.add_argument("--plan", default=None, metavar="PLAN_JSON",
+                       help="the parallel layout (stratagem plan new/show/check); default with --nproc: "
+                            "data parallelism")
     train.set_defaults(func=cmd_train, takes_overrides=True)
 
     model = sub.add_parser("model", help="print a model's layer table, parameter counts and FLOPs per token")

@@ -75,20 +75,27 @@ class Checkpointer:
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
              config: dict) -> Path:
+        """Write step `step` (collective in a process group: rank 0 prepares and commits the
+        directory, every rank writes its shards in between)."""
         final = self.folder / f"step-{step}"
         partial = self.folder / f"step-{step}.partial"
-        if partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True)
+        coordinator = not dist.is_initialized() or dist.get_rank() == 0
+        if coordinator:
+            if partial.exists():
+                shutil.rmtree(partial)
+            partial.mkdir(parents=True)
+        _barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
         payload = {"model": model_sd, "optim": optim_sd, "step": state.step, "loader": state.loader,
                    "scheduler": state.scheduler, "rng": torch.get_rng_state()}
         with _single_process_quietly():
             dcp.save(payload, checkpoint_id=str(partial), no_dist=not dist.is_initialized())
-        meta = {"format_version": FORMAT_VERSION, "step": step, "config": config}
-        (partial / "meta.json").write_text(json.dumps(meta, indent=1))
-        partial.rename(final)
-        self._prune()
+        if coordinator:
+            meta = {"format_version": FORMAT_VERSION, "step": step, "config": config}
+            (partial / "meta.json").write_text(json.dumps(meta, indent=1))
+            partial.rename(final)
+            self._prune()
+        _barrier()
         return final
 
     def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -120,6 +127,11 @@ class Checkpointer:
             return
         for _, path in self.complete()[:-self.keep]:
             shutil.rmtree(path)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 @contextlib.contextmanager
