@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 
 from stratagem.model import get_flavor
 from stratagem.model.moe import set_aux_loss_scale
-from stratagem.parallel.plan import LayerLayout, Layout, Plan, check_plan, uniform_plan
+from stratagem.parallel.plan import LayerLayout, Plan, check_plan, uniform_plan
 from stratagem.parallel.runtime import parallelize
 from stratagem.train.config import TrainConfig
 from stratagem.train.engine import loss_fn
