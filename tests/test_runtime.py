@@ -37,7 +37,9 @@ MODELS = {
     "tiny": get_flavor("tiny"),
     "tiny-kv4": dataclasses.replace(get_flavor("tiny"), n_kv_heads=4),  # TP=4 needs 4 KV heads
     "tiny-hybrid": get_flavor("tiny-hybrid"),
+    "tiny-hybrid-kv4": dataclasses.replace(get_flavor("tiny-hybrid"), n_kv_heads=4),
     "tiny-moe": get_flavor("tiny-moe"),
+    "tiny-moe-kv4": dataclasses.replace(get_flavor("tiny-moe"), n_kv_heads=4),
 }
 
 
@@ -105,8 +107,8 @@ def _experts_slice(parallel, name: str):
     if ".experts.w" not in name:
         return None
     layer = name.split(".")[1]
-    moe = parallel.modules[0].layers[layer]
-    moe = getattr(moe, "_checkpoint_wrapped_module", moe).ffn
+    block = next(module.layers[layer] for module in parallel.modules if layer in module.layers)
+    moe = getattr(block, "_checkpoint_wrapped_module", block).ffn
     group = getattr(moe.dispatcher, "ep_group", None)
     if group is None:
         return None
@@ -158,33 +160,48 @@ def assert_matches_reference(records: list[dict], name: str, where: str) -> None
         assert seen == set(expected[key]), f"{where}: {key} missing for {set(expected[key]) - seen}"
 
 
+def model_cases(world: int, stem: str, kv4: bool = False, **kwargs) -> dict:
+    """One plan on the dense, hybrid and MoE tiny models."""
+    names = [f"{name}-kv4" if kv4 else name for name in ("tiny", "tiny-hybrid", "tiny-moe")]
+    return {f"{stem}-{name}": (name, plan_of(name, world, **kwargs)) for name in names}
+
+
 CASES = {
     4: {
-        "dp4-ddp": ("tiny", plan_of("tiny", 4, dp="ddp")),
-        "dp4-fsdp": ("tiny", plan_of("tiny", 4, dp="fsdp")),
-        "dp4-zero2": ("tiny", plan_of("tiny", 4, dp="zero2")),
-        "tp2-dp2-hybrid": ("tiny-hybrid", plan_of("tiny-hybrid", 4, tp=2, dp="fsdp")),
-        "tp4": ("tiny-kv4", plan_of("tiny-kv4", 4, tp=4)),
+        **model_cases(4, "dp4-ddp", dp="ddp"),
+        **model_cases(4, "dp4-fsdp", dp="fsdp"),
+        **model_cases(4, "dp4-zero2", dp="zero2"),
+        **model_cases(4, "tp2-dp2", tp=2, dp="fsdp"),
+        **model_cases(4, "tp4", kv4=True, tp=4),
         "tp4-fsdp-alternating": ("tiny-kv4", plan_of("tiny-kv4", 4, layers=[layer(tp=4), layer(tp=1, dp="fsdp")])),
         "tp2-next-to-dp4-checkpointed": ("tiny-hybrid", plan_of("tiny-hybrid", 4, layers=[
             layer(tp=2, dp="zero2", checkpoint="full"), layer(tp=1, dp="ddp"),
             layer(tp=2, dp="fsdp"), layer(tp=1, dp="zero2", checkpoint="full")])),
         "moe-ep2-dp4": ("tiny-moe", plan_of("tiny-moe", 4, dp="fsdp", ep=2)),
-        "pp2-dp2-1f1b": ("tiny", plan_of("tiny", 4, pp=2, dp="fsdp", schedule="1f1b")),
+        "moe-ep4-tp1-next-to-tp2": ("tiny-moe", plan_of("tiny-moe", 4, layers=[
+            layer(tp=1, dp="zero2", ep=4), layer(tp=2, dp="ddp", checkpoint="full")])),
+        **model_cases(4, "pp2-dp2-1f1b", pp=2, dp="fsdp", schedule="1f1b"),
+        "pp4-interleaved-hybrid": ("tiny-hybrid", plan_of("tiny-hybrid", 4, pp=4, virtual_stages=1,
+                                                           schedule="interleaved_1f1b")),
     },
     2: {
-        "tp2": ("tiny", plan_of("tiny", 2, tp=2)),
-        "pp2-gpipe-hybrid": ("tiny-hybrid", plan_of("tiny-hybrid", 2, pp=2, schedule="gpipe")),
+        **model_cases(2, "tp2", tp=2),
+        **model_cases(2, "pp2-gpipe", pp=2, schedule="gpipe"),
+        "pp2-zero-bubble-tp1": ("tiny", plan_of("tiny", 2, pp=2, schedule="zero_bubble")),
+    },
+    8: {
+        **model_cases(8, "pp2-tp2-dp2", pp=2, tp=2, dp="fsdp", schedule="1f1b"),
     },
 }
 
 
 @functools.cache
 def launch(world: int) -> list[dict]:
-    return run_ranks(world, scenarios, CASES[world], SEED, timeout=600)
+    return run_ranks(world, scenarios, CASES[world], SEED, timeout=900)
 
 
-@pytest.mark.parametrize("world,case", [(world, case) for world in CASES for case in CASES[world]])
+@pytest.mark.parametrize("world,case", [pytest.param(world, case, marks=[pytest.mark.slow] if world == 8 else [])
+                                        for world in CASES for case in CASES[world]])
 def test_plan_trains_like_one_process(world, case):
     name = CASES[world][case][0]
     assert_matches_reference([ranks[case] for ranks in launch(world)], name, f"{case}, {describe(SEED)}")
