@@ -10,6 +10,7 @@ carries the first failing rank's error (its exception's last line, the full trac
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
@@ -41,9 +42,9 @@ def run_local(nproc: int, fn, *args) -> list:
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"stratagem-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
                           monitor_interval=0.1, start_method="spawn", local_addr="127.0.0.1")
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     try:
-        results = elastic_launch(config, _rank_main)(fn, args)
+        with _environment(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))):
+            results = elastic_launch(config, _rank_main)(fn, args)
     except ChildFailedError as failed:
         rank, failure = _first_failure(failed)
         message = failure.message  # a dict read from the rank's error file, or the agent's text
@@ -54,6 +55,19 @@ def run_local(nproc: int, fn, *args) -> list:
             last = next((line for line in reversed(detail.strip().splitlines()) if line.strip()), "no message")
         raise RankFailed(f"rank {rank} of {nproc} failed: {last}", detail) from None
     return [results[rank] for rank in range(nproc)]
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    """The ranks inherit these variables; the caller's environment is as before afterwards (the
+    elastic agent also sets variables of its own in this process)."""
+    saved = dict(os.environ)
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _first_failure(failed: ChildFailedError):

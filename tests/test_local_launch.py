@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -25,7 +26,9 @@ def one_rank_fails_while_the_others_wait() -> None:
 
 
 def test_ranks_join_one_process_group_and_return_in_rank_order():
+    before = dict(os.environ)
     assert run_local(2, sum_of_ranks, 10) == [(0, 2, 11.0), (1, 2, 11.0)]
+    assert dict(os.environ) == before  # nothing leaks into the caller (later streaming would see it)
 
 
 def test_the_failing_rank_and_its_error_are_reported_and_the_others_stopped():
