@@ -277,6 +277,12 @@ class GroupedExperts(nn.Module):
 
 # --- the layer ---------------------------------------------------------------------------------
 
+def recomputing() -> bool:
+    """Whether this forward runs inside a backward pass: activation checkpointing recomputing it.
+    Its statistics were recorded by the first forward and must not count twice."""
+    return torch._C._current_graph_task_id() != -1
+
+
 @dataclass
 class Routing:
     """One forward call's routing of N tokens."""
@@ -370,7 +376,8 @@ class MoE(nn.Module):
                    else load.new_zeros(()))
         aux = load_balancing_loss(routing.scores, load, cfg.router)
         z = router_z_loss(routing.logits)
-        self._record(load, dropped, aux.detach(), z.detach())
+        if not recomputing():
+            self._record(load, dropped, aux.detach(), z.detach())
         if torch.is_grad_enabled() and (cfg.aux_loss_coef > 0 or cfg.z_loss_coef > 0):
             out = AttachAuxLoss.apply(out, cfg.aux_loss_coef * aux + cfg.z_loss_coef * z, self.aux_loss_scale)
         return out

@@ -549,3 +549,19 @@ def test_capacity_mode_with_bias_trains_in_bf16(tmp_path):
     records = read_metrics(tmp_path / "moe")
     assert all(math.isfinite(r["loss"]) for r in records) and records[-1]["loss"] < records[0]["loss"]
     assert any(r["moe/layer0/dropped_fraction"] > 0 for r in records)
+
+
+def test_activation_checkpointing_records_each_step_once():
+    """The recomputation in backward runs the forward again; its statistics must not count twice
+    (bias updates and metrics would see double the load)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    cfg = moe_cfg(bias_update_rate=0.01)
+    plain, wrapped = build(cfg), build(cfg)
+    wrapped.load_state_dict(plain.state_dict())
+    checkpointed = checkpoint_wrapper(wrapped)
+    x = torch.randn(3, 10, 16, dtype=torch.float64)
+    for module in (plain, checkpointed):
+        module(x).square().sum().backward()
+    assert moe_metrics(wrapped) == moe_metrics(plain) != {}
+    torch.testing.assert_close(wrapped._load_since_bias_update, plain._load_since_bias_update, rtol=0, atol=0)
