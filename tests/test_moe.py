@@ -552,8 +552,8 @@ def test_capacity_mode_with_bias_trains_in_bf16(tmp_path):
 
 
 def test_activation_checkpointing_records_each_step_once():
-    """The recomputation in backward runs the forward again; its statistics must not count twice
-    (bias updates and metrics would see double the load)."""
+    """The recomputation in backward runs the forward again (all of it without torch's early stop,
+    which otherwise often ends it before the statistics); they must not count twice."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     cfg = moe_cfg(bias_update_rate=0.01)
@@ -561,7 +561,8 @@ def test_activation_checkpointing_records_each_step_once():
     wrapped.load_state_dict(plain.state_dict())
     checkpointed = checkpoint_wrapper(wrapped)
     x = torch.randn(3, 10, 16, dtype=torch.float64)
-    for module in (plain, checkpointed):
-        module(x).square().sum().backward()
+    with torch.utils.checkpoint.set_checkpoint_early_stop(False):  # recompute all of the forward
+        for module in (plain, checkpointed):
+            module(x).square().sum().backward()
     assert moe_metrics(wrapped) == moe_metrics(plain) != {}
     torch.testing.assert_close(wrapped._load_since_bias_update, plain._load_since_bias_update, rtol=0, atol=0)
