@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 from stratagem.model import ModelConfig
 from stratagem.model.config import MoEConfig
@@ -92,7 +93,7 @@ def ep_rank(rank: int, world: int, args) -> dict:
     """One rank of EP=world: its slice of the experts, the all-to-all dispatcher."""
     torch.set_num_threads(1)
     layer, x, grad = layer_and_inputs(args, rank)
-    split_experts(layer, dist.group.WORLD, dist.group.WORLD)
+    split_experts(layer, init_device_mesh("cpu", (world,)), dist.group.WORLD)
 
     def slowest(seconds: float) -> float:
         dist.barrier()  # the next timer starts together on every rank

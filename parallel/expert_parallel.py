@@ -54,10 +54,13 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Shard
+from torch.distributed.tensor.parallel import parallelize_module
 
 from stratagem.errors import ConfigValueError
 from stratagem.model.moe import DispatchContext, LocalDispatcher, MoE
 from stratagem.parallel.data_parallel import apply_data_parallel, check_dp_kind
+from stratagem.parallel.tensor_parallel import LocalParams
 
 __all__ = ["EP_DIMS", "ExpertParallelDispatcher", "apply_expert_parallel", "expert_parallel_mesh",
            "rows_by_local_expert", "split_experts"]
@@ -161,17 +164,17 @@ def _moe_layers_to_split(model: nn.Module, dp_mesh: DeviceMesh, ep_mesh: DeviceM
     return chosen
 
 
-def split_experts(moe: MoE, ep_group: dist.ProcessGroup, load_group: dist.ProcessGroup) -> None:
-    """Keep only this rank's experts of `moe` (w1, w2, w3 sliced to ``[j * E / ep, (j + 1) * E / ep)``
-    for its place j in `ep_group`) and swap in the all-to-all dispatcher; no data parallelism."""
-    experts, place, ep = moe.experts, ep_group.rank(), ep_group.size()
-    count = experts.num_experts // ep
-    for name in ("w1", "w2", "w3"):
-        weight = getattr(experts, name)
-        local = weight.detach()[place * count:(place + 1) * count].clone()
-        setattr(experts, name, nn.Parameter(local, requires_grad=weight.requires_grad))
-    experts.num_experts = count
-    moe.dispatcher = ExpertParallelDispatcher(moe.cfg.num_experts, ep_group, load_group)
+def split_experts(moe: MoE, ep_mesh: DeviceMesh, load_group: dist.ProcessGroup) -> None:
+    """Keep only this rank's experts of `moe` and swap in the all-to-all dispatcher; no data
+    parallelism. Over an `ep_mesh` of more than one rank, w1, w2 and w3 become DTensors sharded by
+    expert (``Shard(0)``: place j holds ``[j * E / ep, (j + 1) * E / ep)``), whose forward uses the
+    local experts (`parallel.tensor_parallel.LocalParams`): checkpoints and gradient norms see the
+    whole [E, ...] weights, so a checkpoint reshards to any other expert degree."""
+    experts, ep = moe.experts, ep_mesh.size()
+    if ep > 1:
+        parallelize_module(experts, ep_mesh, LocalParams({name: Shard(0) for name in ("w1", "w2", "w3")}))
+    experts.num_experts //= ep
+    moe.dispatcher = ExpertParallelDispatcher(moe.cfg.num_experts, ep_mesh.get_group(), load_group)
 
 
 def apply_expert_parallel(model: nn.Module, dp_mesh: DeviceMesh, ep_mesh: DeviceMesh, *, dp_kind: str,
@@ -188,6 +191,6 @@ def apply_expert_parallel(model: nn.Module, dp_mesh: DeviceMesh, ep_mesh: Device
     chosen = _moe_layers_to_split(model, dp_mesh, ep_mesh, dp_kind, layers)
     for i in chosen:
         block = model.layers[i]
-        split_experts(block.ffn, ep_mesh.get_group("ep"), dp_mesh.get_group())
+        split_experts(block.ffn, ep_mesh["ep"], dp_mesh.get_group())
         apply_data_parallel(block.ffn.experts, ep_mesh["edp"], dp_kind, gradient_divide_factor=dp_mesh.size())
         apply_data_parallel(block, dp_mesh, dp_kind)

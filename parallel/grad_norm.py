@@ -11,7 +11,7 @@ process clips the whole model.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -19,28 +19,22 @@ from torch.distributed.tensor import DTensor
 
 
 def clip_grad_norm_(params: Iterable[torch.nn.Parameter], max_norm: float, *, skip: torch.Tensor | None = None,
-                    group: dist.ProcessGroup | None = None,
-                    split_over: Mapping[torch.nn.Parameter, dist.ProcessGroup] | None = None) -> float:
+                    group: dist.ProcessGroup | None = None) -> float:
     """Scale the gradients of `params` so that their global norm is at most `max_norm` (inf only
     measures it) and return the norm before. `skip` is a parameter scaled but not counted (the
     last stage's copy of a tied weight); `group` (the pipeline ranks) holds the other parts of
-    the model, whose squared norms are added; `split_over` maps a parameter whose other parts live
-    on other ranks as other tensors (experts split by expert parallelism) to the group of those."""
+    the model, whose squared norms are added."""
     params = [p for p in params if p.grad is not None]
-    split_over = split_over or {}
     by_layout: dict[object, list[torch.Tensor]] = defaultdict(list)
     for p in params:
         if p is not skip:
             grad = p.grad
             layout = (grad.device_mesh, tuple(grad.placements)) if isinstance(grad, DTensor) else None
-            by_layout[layout, split_over.get(p)].append(grad)
+            by_layout[layout].append(grad)
     squares = torch.zeros((), dtype=torch.float32)
-    for (_, parts), grads in by_layout.items():
+    for grads in by_layout.values():
         norm = torch.nn.utils.get_total_norm(grads)
-        square = (norm.full_tensor() if isinstance(norm, DTensor) else norm).float().square()
-        if parts is not None:
-            dist.all_reduce(square, group=parts)
-        squares = squares + square
+        squares = squares + (norm.full_tensor() if isinstance(norm, DTensor) else norm).float().square()
     if group is not None:
         dist.all_reduce(squares, group=group)
     norm = squares.sqrt()

@@ -47,8 +47,9 @@ The rules:
   divides vocab_size. A model with tied embeddings needs the same layout for both.
 - **Expert parallelism** is carved out of a layer's data-parallel ranks: ``ep`` divides
   stage_size / tp, and the experts are split over ep ranks of each data-parallel group of
-  ep (each rank holds num_experts / ep experts, each expert sharded tp ways), so ep divides
-  ``moe.num_experts``. ep > 1 only on layers whose feed-forward is ``moe``.
+  ep (each rank holds num_experts / ep experts), so ep divides ``moe.num_experts``. ep > 1 only
+  on layers whose feed-forward is ``moe``, and (for now) only with tp 1: a layer's experts are
+  split by expert or by width, not both.
 - **Activation checkpointing** per layer: ``none`` or ``full`` (recompute the whole layer).
 - **Predicted figures** are a planner's: step time in seconds, the highest peak memory of any
   rank in bytes, and per pipeline rank (``degree`` entries) the peak of that rank's stages.
@@ -322,6 +323,9 @@ def _validate(plan: Plan, fail) -> None:
             fail(f"layers[{i}].ep", layer.ep,
                  f"does not divide layer {i}'s data-parallel degree {plan.dp_degree(layer)} (stage size "
                  f"{plan.stage_size} / tp {layer.tp}); expert parallelism is carved out of the data-parallel ranks")
+        if layer.ep > 1 and layer.tp > 1:
+            fail(f"layers[{i}].ep", layer.ep, f"expert parallelism with tp {layer.tp} on the same layer is not "
+                                              f"supported yet (experts split by expert or by width, not both); use tp 1")
     _validate_predicted(plan.predicted, pipe.degree, fail)
 
 

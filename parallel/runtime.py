@@ -86,9 +86,6 @@ def check_train_plan(config, plan: Plan, world: int) -> None:
                           f"do not split into {chunks} x {pipe.micro_batch_size}-sequence micro-batches of the plan")
     if tc.autocast != "none":
         raise ConfigError(f"train.autocast = {tc.autocast!r}: not supported under a parallel plan yet; use \"none\"")
-    if any(layer.ep > 1 for layer in plan.layers) and tc.checkpoint_every >= 0:
-        raise ConfigError(f"{plan.source}: checkpoints of expert-parallel layers (ep > 1) are not supported yet: "
-                          f"their experts are not yet distributed tensors that a checkpoint can reshard")
 
 
 @dataclass
@@ -99,7 +96,6 @@ class ParallelModel:
     meshes: StageMeshes
     modules: list[StageModule]  # this pipeline rank's stage modules, parameter names as the full model's
     pipe: PipelineRun | None  # None without pipelining (one stage)
-    experts_split_over: dict[nn.Parameter, dist.ProcessGroup]  # expert weights -> their expert-parallel group
 
     def parameters(self):
         return [p for module in self.modules for p in module.parameters()]
@@ -163,8 +159,7 @@ class ParallelModel:
         """Clip as one process clips the whole model (`parallel.grad_norm`); the norm before."""
         tied = self.pipe.tied if self.pipe is not None else None
         return clip_grad_norm_(self.parameters(), max_norm, skip=tied.weight if tied and not tied.counted else None,
-                               group=self.pipe.group if self.pipe is not None else None,
-                               split_over=self.experts_split_over)
+                               group=self.pipe.group if self.pipe is not None else None)
 
     def after_optimizer_step(self) -> None:
         """Aux-loss-free MoE bias updates (their loads are global, so every replica moves alike)."""
@@ -195,21 +190,18 @@ def parallelize(model: Transformer, plan: Plan) -> ParallelModel:
     meshes = StageMeshes.for_plan(plan)
     pp_rank = dist.get_rank() // plan.stage_size
     modules = build_stage_modules(plan, model, pp_rank)
-    split_over = {}
     for stage, module in zip(stage_indices(plan, pp_rank), modules, strict=True):
-        split_over.update(_parallelize_stage(module, stage, plan, meshes))
+        _parallelize_stage(module, stage, plan, meshes)
     pipe = None
     if plan.pipeline.degree > 1:
         head_dp = plan.dp_degree(plan.head)
         pipe = build_pipeline(plan, modules, meshes.pipeline.get_group(),
                               loss_divisor=plan.pipeline.num_micro_batches * head_dp)
-    return ParallelModel(plan=plan, meshes=meshes, modules=modules, pipe=pipe, experts_split_over=split_over)
+    return ParallelModel(plan=plan, meshes=meshes, modules=modules, pipe=pipe)
 
 
-def _parallelize_stage(module: StageModule, stage: int, plan: Plan,
-                       meshes: StageMeshes) -> dict[nn.Parameter, dist.ProcessGroup]:
-    """Tensor, expert and data parallelism, checkpointing and relayouts of one stage module;
-    returns the expert weights split by expert parallelism, with their groups."""
+def _parallelize_stage(module: StageModule, stage: int, plan: Plan, meshes: StageMeshes) -> None:
+    """Tensor, expert and data parallelism, checkpointing and relayouts of one stage module."""
     tps = stage_tps(plan, stage)  # [incoming layout, layers..., head if last]
     head = meshes.layout(plan.head.tp)
     if module.first or (module.last and module.tied):
@@ -217,7 +209,6 @@ def _parallelize_stage(module: StageModule, stage: int, plan: Plan,
     if module.last:
         parallelize_head(module, head["tp"])
     micro_batches = plan.pipeline.num_micro_batches
-    split_over = {}
     for position, (key, block) in enumerate(list(module.layers.items())):
         index, layout = int(key), plan.layers[int(key)]
         mesh = meshes.layout(layout.tp)
@@ -227,12 +218,10 @@ def _parallelize_stage(module: StageModule, stage: int, plan: Plan,
             block.ffn.aux_loss_scale = 1 / (micro_batches * dp_mesh.size())
             if dp_mesh.size() > 1:
                 experts_mesh = meshes.experts(layout.tp, layout.ep)
-                split_experts(block.ffn, experts_mesh.get_group("ep"), dp_mesh.get_group())
+                split_experts(block.ffn, experts_mesh["ep"], dp_mesh.get_group())
         parallelize_block(block, mesh["tp"], index)
         if experts_mesh is not None:
             apply_data_parallel(block.ffn.experts, experts_mesh["edp"], layout.dp, gradient_divide_factor=1)
-            if layout.ep > 1:
-                split_over.update(dict.fromkeys(block.ffn.experts.parameters(), experts_mesh.get_group("ep")))
         if layout.checkpoint == "full":
             block = module.layers[key] = checkpoint_wrapper(block)
         if tps[position] != layout.tp:
@@ -251,7 +240,6 @@ def _parallelize_stage(module: StageModule, stage: int, plan: Plan,
     # the root takes what is left: a tied embedding (read by the head, not only called) and its norm
     root = plan.head if module.last else plan.embedding
     apply_data_parallel(module, meshes.layout(root.tp)["dp"], root.dp, gradient_divide_factor=1)
-    return split_over
 
 
 def _relayout_hook(meshes: StageMeshes, src_tp: int, dst_tp: int):

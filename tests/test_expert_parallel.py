@@ -162,16 +162,9 @@ def parallelize(model: Transformer, case: Case, dp_mesh: DeviceMesh) -> dict[int
 
 
 def whole_tensor(case: Case, meshes: dict[int, DeviceMesh], name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """A parameter or gradient as one process has it: gathered over its data-parallel shards and,
-    for expert weights, concatenated over the expert-parallel group."""
-    tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-    parts = name.split(".")
-    if ".experts.w" not in name or case.ep[int(parts[1])] == 1:
-        return tensor
-    group = meshes[case.ep[int(parts[1])]].get_group("ep")
-    gathered = [torch.empty_like(tensor) for _ in range(group.size())]
-    dist.all_gather(gathered, tensor.contiguous(), group=group)
-    return torch.cat(gathered)
+    """A parameter or gradient as one process has it: expert weights are DTensors over their
+    expert-parallel and data-parallel ranks, the others over their data-parallel shards."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def mean_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
