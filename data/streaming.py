@@ -51,6 +51,11 @@ Other behaviours worth knowing
   (keeping the compressed file) and checks the shard's sha1 against ``index.json`` when it does;
   a remote stream is downloaded into its ``path`` (the cache) and checked on download. A shard
   already decompressed is not checked again.
+- Samples are read from shard files mapped into memory, one mapping per shard and reading
+  process (`_MappedShard`; up to 64, the least recently read dropped first), not through
+  streaming's reader, which opens and reads the file for every sample; that reader serves only
+  while a shard's file is missing, and fetches it. Which samples come out, in which order, is
+  still streaming's alone, and so is every hash check.
 - ``cache_limit`` evicts shards by deleting their files from a stream's local folder, so it is
   refused when a stream has no remote: it would delete the prepared data itself. It is also
   refused below the room the readers' download windows need (`_cache_limit_problem`): with less,
@@ -69,10 +74,15 @@ Other behaviours worth knowing
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import re
+import struct
+import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
@@ -287,6 +297,112 @@ def _unmapped_streaming_segments() -> list[str]:
 
 # ---- the dataset -------------------------------------------------------------------------------
 
+_MAPPED_SHARDS = 64  # shard files one reading process keeps mapped (each mapping holds a file descriptor)
+_UINT32 = struct.Struct("=I")  # how an MDS shard stores its sample count, offsets and column sizes
+
+
+class _MappedShard:
+    """A decompressed MDS shard file mapped into memory: a sample's tokens by slicing, not by reading.
+
+    Streaming's reader (``MDSReader.get_sample_data``) opens the file, seeks and reads twice for
+    every sample; that was most of the loader's cost. The MDS layout read here: a uint32 sample
+    count, count + 1 uint32 byte offsets of the samples, then per sample the uint32 sizes of its
+    variable-size columns followed by every column's encoded value (in ``column_names`` order).
+    Only the tokens column is decoded, by streaming's own decoder for its encoding.
+
+    Streaming never rewrites a shard file in place (a download or decompression writes a new file
+    and renames it over; eviction deletes it), so a mapping stays readable and holds the data it
+    was made from; `is_current` tells whether the path still names that file.
+    """
+
+    def __init__(self, reader) -> None:
+        """Map the decompressed file of the shard that `reader` (an ``MDSReader``) reads."""
+        from streaming.base.format.mds.encodings import mds_decode
+
+        self.path = os.path.join(reader.dirname, reader.split, reader.raw_data.basename)
+        with open(self.path, "rb") as file:
+            self.identity = _file_identity(os.fstat(file.fileno()))
+            self.buffer = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        self.samples = reader.samples
+        self._check_layout()
+        position = reader.column_names.index("tokens")
+        self.decode = partial(mds_decode, reader.column_encodings[position])
+        sizes = reader.column_sizes
+        variable = [i for i, size in enumerate(sizes) if not size]
+        self.sizes = struct.Struct(f"={len(variable)}I")  # heads every sample: its variable columns' sizes
+        self.fixed_before = sum(size for size in sizes[:position] if size)
+        self.variable_before = sum(1 for i in variable if i < position)
+        self.fixed_size = sizes[position]
+
+    def _check_layout(self) -> None:
+        """The file holds the shard's sample count, and its last sample ends where the file does."""
+        size, count = len(self.buffer), self.samples
+        if (size < 4 * (count + 2) or _UINT32.unpack_from(self.buffer)[0] != count
+                or _UINT32.unpack_from(self.buffer, 4 + 4 * count)[0] != size):
+            raise ValueError(f"{size} bytes do not hold the {count} samples index.json describes")
+
+    def is_current(self) -> bool:
+        try:
+            return _file_identity(os.stat(self.path)) == self.identity
+        except FileNotFoundError:
+            return False
+
+    def tokens(self, index: int) -> np.ndarray:
+        if not 0 <= index < self.samples:
+            raise IndexError(f"sample {index} of a shard of {self.samples}")
+        begin, = _UINT32.unpack_from(self.buffer, 4 + 4 * index)
+        sizes = self.sizes.unpack_from(self.buffer, begin)
+        start = begin + self.sizes.size + self.fixed_before + sum(sizes[:self.variable_before])
+        size = self.fixed_size or sizes[self.variable_before]
+        return self.decode(self.buffer[start:start + size])
+
+
+def _file_identity(status: os.stat_result) -> tuple[int, int]:
+    """Which file a path names. While mapped, a deleted file's inode is not freed, so not reused."""
+    return status.st_dev, status.st_ino
+
+
+class _MappedShards:
+    """The shard files one process keeps mapped, by shard id; the least recently read is dropped first.
+
+    With ``verify`` (the dataset has a cache_limit, so streaming may evict a shard and fetch it again)
+    a mapping is checked against its path at every read, and `drop_stale` drops those of files
+    deleted or replaced since, whose disk space they would keep in use; it runs whenever this
+    process maps or fetches a shard. Without a cache_limit streaming deletes no shard file.
+    Pickles empty: mappings do not cross processes.
+    """
+
+    def __init__(self, verify: bool) -> None:
+        self.verify = verify
+        self._maps: OrderedDict[int, _MappedShard] = OrderedDict()
+
+    def __reduce__(self):
+        return type(self), (self.verify,)
+
+    def __contains__(self, shard_id: int) -> bool:
+        return shard_id in self._maps
+
+    def get(self, shard_id: int, reader) -> _MappedShard | None:
+        """The mapping of the shard's file, made now if needed; None if the file is not there."""
+        mapped = self._maps.get(shard_id)
+        if mapped is not None and (not self.verify or mapped.is_current()):
+            self._maps.move_to_end(shard_id)
+            return mapped
+        self.drop_stale()
+        try:
+            mapped = self._maps[shard_id] = _MappedShard(reader)
+        except FileNotFoundError:
+            return None
+        if len(self._maps) > _MAPPED_SHARDS:
+            self._maps.popitem(last=False)
+        return mapped
+
+    def drop_stale(self) -> None:
+        if self.verify:
+            for shard_id in [key for key, mapped in self._maps.items() if not mapped.is_current()]:
+                del self._maps[shard_id]
+
+
 _dataset_class = None
 
 
@@ -304,21 +420,42 @@ def _sample_dataset_class():
     class _SampleDataset(StreamingDataset):
         sample_tokens = 0  # seq_len + 1, set by the creator
 
+        def __init__(self, **options) -> None:
+            super().__init__(**options)
+            self.mapped_shards = _MappedShards(verify=bool(self.cache_limit))
+
         def get_item(self, sample_id: int, retry: int = 7):
-            shard_id, _ = self.spanner[sample_id]
+            shard_id, index = self.spanner[sample_id]
             try:
-                sample = super().get_item(sample_id, retry)
+                tokens = self._tokens(sample_id, shard_id, index, retry)
             except DataError:
                 raise
             except (OSError, ValueError, RuntimeError) as e:
                 raise DataError(_shard_problem(self, shard_id, e)) from None
-            tokens = sample["tokens"]
             if tokens.shape != (self.sample_tokens,):
                 raise DataError(f"{_shard_file(self, shard_id)}: a sample holds {tokens.shape[0]} tokens, "
                                 f"expected seq_len + 1 = {self.sample_tokens} as the manifest says")
             return tokens, int(self.stream_per_shard[shard_id])
 
+        def _tokens(self, sample_id: int, shard_id: int, index: int, retry: int) -> np.ndarray:
+            """The sample's tokens from its mapped shard file, or streaming's reader while the file is
+            missing: it fetches the shard (waiting for it, re-downloading an evicted one) first."""
+            mapped = self.mapped_shards.get(shard_id, self.shards[shard_id])
+            if mapped is None:
+                tokens = super().get_item(sample_id, retry)["tokens"]
+                self.mapped_shards.drop_stale()  # fetching the shard may have evicted others
+                return tokens
+            if self.cache_limit:  # as streaming's get_item does: eviction takes the least recently used shard
+                self._shard_access_times[shard_id] = time.time_ns()
+            return mapped.tokens(index)
+
         def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+            # Streaming's download thread calls this for every sample, taking a file lock each time;
+            # that thread's system calls took the interpreter from the reading thread over and over.
+            # A shard this process has mapped is decompressed already, and without a cache_limit
+            # nothing deletes it (nor reads the access times that this would update): done.
+            if not self.cache_limit and shard_id in self.mapped_shards:
+                return
             # Streaming leaves a shard whose preparation failed in PREPARING, and a reader waiting
             # for it would wait forever: restore its state. Its download threads (blocking=False)
             # only log what they raise: they stop the epoch instead, and __iter__ raises.
@@ -385,9 +522,12 @@ def _one_line(error: DataError) -> str:
     return last.split("DataError: ", 1)[1] if "DataError: " in last else last
 
 
-def _collate(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    tokens = torch.from_numpy(np.stack([tokens for tokens, _ in samples])).long()
-    return tokens, torch.tensor([stream for _, stream in samples], dtype=torch.int64)
+def _collate(samples: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """A micro-batch's (int64 tokens, stream indices) as numpy arrays, which a DataLoader worker
+    sends through its pipe as bytes: a torch tensor would cross through shared memory, with a
+    socket handshake per tensor that waits for the worker's busy interpreter."""
+    tokens = np.stack([tokens for tokens, _ in samples], dtype=np.int64)
+    return tokens, np.array([stream for _, stream in samples], dtype=np.int64)
 
 
 def _check_specs(streams: Sequence[StreamSpec]) -> None:
@@ -450,6 +590,13 @@ def _cache_limit_problem(dataset, readers: int, micro_batch_size: int) -> str | 
 
 # ---- training batches --------------------------------------------------------------------------
 
+# Samples streaming's threads prepare ahead of the reader without a cache_limit (with one, streaming's
+# default of 8 micro-batches: the window is what the cache must hold). They poll every 7 ms
+# (streaming's TICK): a reader that drains the window within a tick sleeps a whole tick, and at
+# tens of thousands of samples/s a tick is hundreds of samples.
+_READY_AHEAD = 2048
+
+
 class StreamingBatches:
     """Each optimizer step's micro-batches for this rank, streamed from prepared MDS datasets.
 
@@ -497,7 +644,8 @@ class StreamingBatches:
         self._dataset = _open_dataset(
             streams, split, seq_len, layout, validate_hash, weighted=True, epoch_size=self.epoch_size,
             batch_size=micro_batch_size, shuffle=shuffle, shuffle_seed=seed, num_canonical_nodes=num_canonical_nodes,
-            partition_algo="orig", cache_limit=cache_limit or None)
+            partition_algo="orig", cache_limit=cache_limit or None,
+            predownload=None if cache_limit else max(8 * micro_batch_size, _READY_AHEAD))
         problem = cache_limit and _cache_limit_problem(self._dataset, layout.local_world_size * max(1, num_workers),
                                                        micro_batch_size)
         if problem:
@@ -522,16 +670,16 @@ class StreamingBatches:
                 tokens, streams = next(self._micro_batches)
             except DataError as e:
                 raise DataError(_one_line(e)) from None
-            for stream, n in enumerate(np.bincount(streams.numpy(), minlength=len(self.streams))):
+            for stream, n in enumerate(np.bincount(streams, minlength=len(self.streams))):
                 self._local_samples[stream] += int(n)
             self._sample_in_epoch += self.micro_batch_size * self.layout.world_size
             if self._sample_in_epoch == self.epoch_size:
                 self._epoch, self._sample_in_epoch = self._epoch + 1, 0
-            batches.append(tokens)
+            batches.append(torch.from_numpy(tokens))
         self._step += 1
         return batches
 
-    def _epochs(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _epochs(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Micro-batches across epochs, each epoch started where the position says."""
         while True:
             epoch = self._epoch

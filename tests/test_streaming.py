@@ -260,6 +260,84 @@ def test_remote_streams_read_through_the_cache_like_local_copies(pristine, mix, 
         StreamingBatches(specs(mix), SEQ, 8, 1, cache_limit="10mb")
 
 
+# ---- the mapped-shard reader against streaming's own ------------------------------------------
+
+def base_tokens(dataset, sample_id: int) -> np.ndarray:
+    """A sample's tokens as streaming's own reader gives them (a file read per sample)."""
+    from streaming import StreamingDataset
+
+    return StreamingDataset.get_item(dataset, sample_id)["tokens"]
+
+
+def deleted_mappings(folder: Path) -> list[str]:
+    """This process's mappings of files under `folder` that were deleted since."""
+    return [line for line in Path("/proc/self/maps").read_text().splitlines()
+            if str(folder) in line and line.endswith("(deleted)")]
+
+
+@pytest.mark.parametrize("columns", [{"a": "int64", "b": "str", "tokens": "ndarray:int16", "z": "str"},
+                                     {"b": "str", "tokens": "ndarray:int32:17", "z": "int8"}],
+                         ids=["variable-tokens", "fixed-tokens"])
+def test_a_mapped_shard_decodes_tokens_like_mds_reader_whatever_the_columns(tmp_path, columns):
+    from streaming import MDSWriter
+    from streaming.base.format.mds.reader import MDSReader
+
+    rng = np.random.default_rng(0)
+    dtype = np.int16 if columns["tokens"] == "ndarray:int16" else np.int32
+    with MDSWriter(out=str(tmp_path), columns=columns, size_limit=4000) as writer:
+        for i in range(60):
+            length = 17 if dtype is np.int32 else int(rng.integers(1, 40))
+            writer.write({"a": i, "b": "x" * int(rng.integers(0, 9)), "z": "yz"[:i % 3] if columns["z"] == "str" else i,
+                          "tokens": rng.integers(-500, 500, length).astype(dtype)})
+    shards = json.loads((tmp_path / "index.json").read_text())["shards"]
+    assert len(shards) > 1
+    for shard in shards:
+        reader = MDSReader.from_json(str(tmp_path), None, shard)
+        mapped = mds._MappedShard(reader)
+        for i in range(reader.samples):
+            assert np.array_equal(mapped.tokens(i), reader[i]["tokens"])
+        assert mapped.tokens(0).dtype == dtype
+        with pytest.raises(IndexError):
+            mapped.tokens(reader.samples)
+
+
+def test_the_loader_reads_every_sample_as_streamings_reader_does(pristine, tmp_path):
+    data = shutil.copytree(pristine / "alpha", tmp_path / "alpha")  # zstd shards: mapped once decompressed
+    dataset = mds._open_dataset([StreamSpec(str(data))], "train", SEQ, mds.rank_layout(), True,
+                                weighted=False, batch_size=4)
+    for _ in range(2):  # decompressing (through streaming's reader), then from the mappings
+        for i in range(dataset.num_samples):
+            tokens, stream = dataset.get_item(i)
+            assert stream == 0 and np.array_equal(tokens, base_tokens(dataset, i))
+            assert np.array_equal(tokens, sample_tokens(0, "train", i))
+    assert all(shard in dataset.mapped_shards for shard in range(dataset.num_shards))
+
+
+def test_shards_evicted_and_fetched_again_are_mapped_afresh(tmp_path):
+    seq = 64
+    remote = write_dataset(tmp_path / "remote", 3, train=200, val=4, seq_len=seq, shard_samples=25)
+    shards = json.loads((remote / "train" / "index.json").read_text())["shards"]
+    largest = max(shard["raw_data"]["bytes"] + shard["zip_data"]["bytes"] for shard in shards)
+    cache = tmp_path / "cache"
+    limit = (remote / "train" / "index.json").stat().st_size + 4 * largest + 1
+    dataset = mds._open_dataset([StreamSpec(str(cache), remote=str(remote))], "train", seq, mds.rank_layout(),
+                                True, weighted=False, batch_size=1, cache_limit=f"{limit}b")
+    assert len(shards) > 4  # the cache holds at most four: reading them all in turn evicts
+    for _ in range(3):  # reads, fetches again after eviction, then reads the fresh mapping
+        for i in range(0, dataset.num_samples, 7):
+            tokens, _ = dataset.get_item(i)
+            assert np.array_equal(tokens, sample_tokens(3, "train", i, seq))
+            assert np.array_equal(tokens, base_tokens(dataset, i))
+            assert not deleted_mappings(cache)
+    for _ in range(2):  # fetched (if evicted), then mapped
+        dataset.get_item(0)
+    assert 0 in dataset.mapped_shards
+    dataset.evict_shard(0)
+    assert deleted_mappings(cache)  # still mapped, until the next read notices
+    assert np.array_equal(dataset.get_item(1)[0], sample_tokens(3, "train", 1, seq))
+    assert not deleted_mappings(cache)
+
+
 # ---- bad input: one line naming the file ------------------------------------------------------
 
 def test_bad_streams_are_refused_before_any_work(mix, tmp_path):
