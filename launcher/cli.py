@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from stratagem.errors import ConfigError, StratagemError
@@ -113,6 +114,19 @@ def cmd_data_prepare(args, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_profile(args, overrides: list[str]) -> int:
+    from stratagem.launcher.profile import ensure_profile
+
+    began = time.perf_counter()
+    config = _flavor_or_config(args.model, overrides)
+    seq_len = args.seq_len or config.data.seq_len
+    profile = ensure_profile(config.model, args.ranks, seq_len, args.out, force=args.force)
+    print(profile.summary())
+    print(f"profile {profile.source} ({config.flavor or args.model}, {args.ranks} ranks, seq_len {seq_len}); "
+          f"wall time {time.perf_counter() - began:.1f} s")
+    return 0
+
+
 def cmd_plan_show(args, overrides: list[str]) -> int:
     from stratagem.parallel.plan import VERSION, check_plan, describe, load_plan
 
@@ -213,6 +227,22 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--skip-bad", action="store_true",
                       help="skip malformed JSONL lines (counted and reported) instead of stopping")
     prep.set_defaults(func=cmd_data_prepare)
+
+    profile = sub.add_parser("profile", help="measure this machine for the planner: layer times, collectives, memory",
+                             description="Measure, on --ranks local ranks at once (gloo on CPUs), the forward and "
+                                         "backward time of every layer type of the model (with and without "
+                                         "activation checkpointing), the head, the optimizer step and the "
+                                         "collectives, and write a JSON profile. A profile of this machine that "
+                                         "already covers the model is reused unless --force.")
+    profile.add_argument("--model", default=DEFAULT_CONFIG, metavar="FLAVOR_OR_CONFIG",
+                         help="a model flavor or a config (default: demo)")
+    profile.add_argument("--ranks", type=int, default=4, help="local ranks to measure on (default 4)")
+    profile.add_argument("--seq-len", type=int, default=0,
+                         help="tokens per sequence (default: the config's data.seq_len)")
+    profile.add_argument("--out", default=None, metavar="PATH",
+                         help="the profile file (default: profiles/<hostname>-<ranks>r.json)")
+    profile.add_argument("--force", action="store_true", help="measure again even if a matching profile exists")
+    profile.set_defaults(func=cmd_profile, takes_overrides=True)
 
     plan = sub.add_parser("plan", help="write, check and show parallel plans (plan.json)").add_subparsers(
         dest="plan_command", required=True)
