@@ -22,6 +22,9 @@ class LayerCounts:
     active_params: int  # used by one token: a mixture of experts counts only top_k experts
     flops_per_token: int  # forward matmul FLOPs
     activation_bytes_per_token: int  # saved for backward in training, no checkpointing
+    tp_replicated_activation_bytes_per_token: int  # the part of it tensor parallelism does not divide
+    expert_params: int  # what expert parallelism splits over its ranks
+    input_bytes_per_token: int  # the layer's input: all a checkpointed layer keeps for backward
 
 
 @dataclass
@@ -33,6 +36,7 @@ class ModelCounts:
     total_params: int
     active_params: int  # what one token uses: total_params less the experts it is not routed to
     non_embedding_params: int  # total minus the embedding and an untied head
+    head_activation_bytes_per_token: int  # the final norm, the head's input and the loss's float32 log-softmax
     forward_flops_per_token: int  # all layers plus the output head
     train_flops_per_token: int  # 3 * forward: the backward costs about twice the forward
 
@@ -71,7 +75,10 @@ def count_model(cfg: ModelConfig, seq_len: int, dtype_bytes: int = 4) -> ModelCo
     layers = [LayerCounts(index=i, mixer=spec.mixer, ffn=spec.ffn,
                           params=Block.num_params(cfg, spec), active_params=Block.active_params(cfg, spec),
                           flops_per_token=Block.flops_per_token(cfg, spec, seq_len),
-                          activation_bytes_per_token=Block.activation_bytes_per_token(cfg, spec, seq_len, dtype_bytes))
+                          activation_bytes_per_token=Block.activation_bytes_per_token(cfg, spec, seq_len, dtype_bytes),
+                          tp_replicated_activation_bytes_per_token=Block.tp_replicated_activation_bytes_per_token(
+                              cfg, spec, seq_len, dtype_bytes),
+                          expert_params=Block.expert_params(cfg, spec), input_bytes_per_token=dtype_bytes * cfg.dim)
               for i, spec in enumerate(cfg.layer_specs())]
     embedding = cfg.vocab_size * cfg.dim
     head = 0 if cfg.tie_embeddings else cfg.dim * cfg.vocab_size
@@ -79,9 +86,11 @@ def count_model(cfg: ModelConfig, seq_len: int, dtype_bytes: int = 4) -> ModelCo
     total = sum(c.params for c in layers) + embedding + head + final_norm
     active = sum(c.active_params for c in layers) + embedding + head + final_norm
     forward = sum(c.flops_per_token for c in layers) + 2 * cfg.dim * cfg.vocab_size
+    head_activations = RMSNorm.activation_bytes_per_token(cfg.dim, dtype_bytes) + dtype_bytes * cfg.dim + 4 * cfg.vocab_size
     return ModelCounts(layers=layers, embedding_params=embedding, head_params=head,
                        final_norm_params=final_norm, total_params=total, active_params=active,
                        non_embedding_params=total - embedding - head,
+                       head_activation_bytes_per_token=head_activations,
                        forward_flops_per_token=forward, train_flops_per_token=3 * forward)
 
 

@@ -15,8 +15,16 @@ layer type is an ``nn.Module`` class registered under its name with `register_mi
   layer keeps for backward per token in training, without activation checkpointing,
   including its input if it saves it.
 
-Optionally, ``active_params(cfg) -> int``: the parameters one token goes through (a mixture of
-experts uses top_k of its experts); `active_params` below falls back to ``num_params``.
+Optionally (each with a fallback below):
+
+- ``active_params(cfg) -> int``: the parameters one token goes through (a mixture of experts
+  uses top_k of its experts); falls back to ``num_params``.
+- ``expert_params(cfg) -> int``: the parameters expert parallelism splits over its ranks (a
+  mixture of experts' routed experts); falls back to 0.
+- ``tp_replicated_activation_bytes_per_token(cfg, seq_len, dtype_bytes) -> int``: the part of
+  ``activation_bytes_per_token`` that tensor parallelism does not divide (it is replicated over
+  the tp group); the rest is split by heads or hidden width. Falls back to the layer's input,
+  ``dtype_bytes * dim``, which its column-wise projections save.
 
 These classmethods are the only source of a layer's size and cost: `count_model`, the cost
 model and the scaling-law module read them and never re-derive them.
@@ -68,6 +76,19 @@ def active_params(cls: type, cfg) -> int:
     else all of them (``num_params(cfg)``)."""
     counted = getattr(cls, "active_params", None)
     return counted(cfg) if counted is not None else cls.num_params(cfg)
+
+
+def expert_params(cls: type, cfg) -> int:
+    """Parameters of layer type `cls` that expert parallelism splits: its ``expert_params(cfg)``, else 0."""
+    counted = getattr(cls, "expert_params", None)
+    return counted(cfg) if counted is not None else 0
+
+
+def tp_replicated_activation_bytes_per_token(cls: type, cfg, seq_len: int, dtype_bytes: int) -> int:
+    """The activation bytes per token of layer type `cls` that tensor parallelism replicates: its
+    own count if it has one, else its input (``dtype_bytes * dim``)."""
+    counted = getattr(cls, "tp_replicated_activation_bytes_per_token", None)
+    return counted(cfg, seq_len, dtype_bytes) if counted is not None else dtype_bytes * cfg.dim
 
 
 def register_mixer(name: str):

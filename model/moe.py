@@ -437,6 +437,11 @@ class MoE(nn.Module):
         return cls._router_and_shared_params(cfg) + cfg.moe.top_k * cls._expert_params(cfg)
 
     @classmethod
+    def expert_params(cls, cfg: ModelConfig) -> int:
+        """The routed experts, which expert parallelism splits over its ranks."""
+        return cfg.moe.num_experts * cls._expert_params(cfg)
+
+    @classmethod
     def flops_per_token(cls, cfg: ModelConfig, seq_len: int) -> int:
         """Forward matmul FLOPs of the active parameters: 2 per router, expert and shared weight a
         token uses (capacity mode does at most this; weighting and sums are element-wise)."""
@@ -473,6 +478,15 @@ class MoE(nn.Module):
         shared = dtype_bytes * 4 * moe.num_shared_experts * hidden
         capacity_mask = k if moe.mode == "capacity" else 0
         return x + k * per_assignment + router + shared + capacity_mask
+
+    @classmethod
+    def tp_replicated_activation_bytes_per_token(cls, cfg: ModelConfig, seq_len: int, dtype_bytes: int) -> int:
+        """All but the experts' hidden activations (4 * hidden per assignment and per shared
+        expert), which tensor parallelism splits by expert width: the router's tensors, and per
+        assignment the gathered input row, the all-reduced output, the weight and the indices."""
+        moe, hidden = cfg.moe, cfg.expert_hidden
+        sharded = dtype_bytes * 4 * hidden * (moe.top_k + moe.num_shared_experts)
+        return cls.activation_bytes_per_token(cfg, seq_len, dtype_bytes) - sharded
 
 
 # --- the training loop's handles ---------------------------------------------------------------

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from stratagem.model.config import ModelConfig
-from stratagem.model.layers import FFNS, MIXERS, LayerSpec, active_params
+from stratagem.model.layers import (FFNS, MIXERS, LayerSpec, active_params, expert_params,
+                                    tp_replicated_activation_bytes_per_token)
 from stratagem.model.norms import RMSNorm
 
 
@@ -81,6 +82,20 @@ class Block(nn.Module):
         return (MIXERS[spec.mixer].activation_bytes_per_token(cfg, seq_len, dtype_bytes)
                 + FFNS[spec.ffn].activation_bytes_per_token(cfg, seq_len, dtype_bytes)
                 + cls.n_norms(cfg) * RMSNorm.activation_bytes_per_token(cfg.dim, dtype_bytes))
+
+    @classmethod
+    def tp_replicated_activation_bytes_per_token(cls, cfg: ModelConfig, spec: LayerSpec, seq_len: int,
+                                                 dtype_bytes: int) -> int:
+        """The part of `activation_bytes_per_token` that tensor parallelism replicates over its
+        group: the norms' and what each sublayer reports (`model.layers`); the rest divides by tp."""
+        return (tp_replicated_activation_bytes_per_token(MIXERS[spec.mixer], cfg, seq_len, dtype_bytes)
+                + tp_replicated_activation_bytes_per_token(FFNS[spec.ffn], cfg, seq_len, dtype_bytes)
+                + cls.n_norms(cfg) * RMSNorm.activation_bytes_per_token(cfg.dim, dtype_bytes))
+
+    @classmethod
+    def expert_params(cls, cfg: ModelConfig, spec: LayerSpec) -> int:
+        """The parameters expert parallelism splits (the ffn's routed experts)."""
+        return expert_params(FFNS[spec.ffn], cfg)
 
 
 class Transformer(nn.Module):

@@ -1,0 +1,454 @@
+"""The planner's search: the fastest plan that fits, per layer, under the cost model (`launcher.cost`).
+
+The space, for a model, a world of W ranks and a global batch of G sequences:
+
+- a pipeline: degree p (dividing W, at most the layer count), a schedule with its virtual stages
+  v (1 for GPipe and 1F1B; 2 or 4 for interleaved 1F1B and zero-bubble), micro-batches of b
+  sequences, m = G / b of them, as the plan rules allow (`Plan.validate`);
+- one layout shared by the embedding and the head (a tied model needs it; it keeps the space
+  small): a tensor degree and a dp kind;
+- stage boundaries: any cut of the layers into p v non-empty contiguous chunks;
+- per layer: a tensor degree (dividing the stage size S = W / p and what `TP_SHARDS` names, at
+  most a node's devices), a dp kind, checkpointing or not, and for MoE layers an expert degree
+  (dividing S / tp and the expert count; tp 1), such that the dp degree S / tp divides b.
+
+The cost model's step time is the lock-step pipeline time: K x the slowest chunk's micro-batch
+time plus v x its optimizer time, K = m v + (p - 1) beta (`cost.step_seconds`); a plan fits when
+every chunk needs at most 1 / v of a device (`cost.predict`). So for fixed pipeline settings the
+best plan minimises the largest chunk objective, and:
+
+1. *Inside a chunk* (`ChunkFrontier`): a dynamic program over its layers whose state is the last
+   layer's tensor degree (the relayout to the next layer depends on it) and whose values are the
+   Pareto frontier of partial assignments over (objective, state bytes, activation bytes per
+   in-flight micro-batch, transient bytes). Dominated partial assignments can never complete to
+   a better plan, so the frontier is exact; a chunk's best objective under the memory budget is
+   a scan of the frontier with its in-flight count.
+2. *Stage boundaries* (`_partition`): a dynamic program over chunks, f[c][j][t] = the least
+   largest objective of chunks 0..c-1 covering layers [0, j) with layer j - 1 at degree t.
+3. *Pipeline settings*: every combination, visited in the order of a lower bound (K x the
+   cheapest time of every layer spread evenly over the chunks, no memory limit); a combination
+   whose bound cannot beat the best plan so far is skipped.
+
+Frontiers depend only on the layer types from a chunk's first layer on, so chunks starting at the
+same place of a periodic layer pattern share them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+
+from stratagem.errors import ConfigError
+from stratagem.model.counts import human_bytes
+from stratagem.launcher.cost import (UnitLayout, Workload, in_flight, p2p_seconds, predict, relayout_seconds,
+                                     schedule_factor, unit_cost, units)
+from stratagem.parallel.plan import (DP_KINDS, EP_SHARDS, TP_SHARDS, LayerLayout, Layout, Pipeline, Plan, PlanError,
+                                     Predicted, even_stages)
+
+VIRTUAL_STAGES = {"gpipe": (1,), "1f1b": (1,), "interleaved_1f1b": (2, 4), "zero_bubble": (2, 4)}
+
+
+@dataclass(frozen=True)
+class Space:
+    """Which choices the search may make (all of them by default); tests narrow it to brute-force it."""
+
+    dp_kinds: tuple[str, ...] = DP_KINDS
+    tps: tuple[int, ...] | None = None  # tensor degrees of the layers (None: every one that divides)
+    checkpoints: tuple[bool, ...] = (False, True)
+    schedules: tuple[str, ...] = tuple(VIRTUAL_STAGES)
+    max_pp: int | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The pipeline settings and the embedding/head layout of one point of the search."""
+
+    pp: int
+    schedule: str
+    virtual: int
+    micro_batch: int
+    micro_batches: int
+    ends: UnitLayout
+
+    @property
+    def chunks(self) -> int:
+        return self.pp * self.virtual
+
+
+@dataclass
+class SearchResult:
+    plan: Plan
+    prediction: object  # cost.Prediction
+    uniform_plan: Plan | None  # the best plan giving every layer the same layout
+    uniform_prediction: object | None
+    seconds: float  # the search's own wall time
+    visited: int  # pipeline settings costed in full
+
+
+# --- the options --------------------------------------------------------------------------------
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _field(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _tp_ok(cfg, kinds: tuple[str, ...], tp: int) -> bool:
+    if tp == 1:
+        return True
+    return all(kind in TP_SHARDS and all(_field(cfg, f) % tp == 0 for f in TP_SHARDS[kind]) for kind in kinds)
+
+
+def layer_options(cfg, spec, stage_size: int, micro_batch: int, max_tp: int, space: Space = Space()) -> list[UnitLayout]:
+    """Every layout a layer of type `spec` can take on a stage of `stage_size` ranks."""
+    options = []
+    for tp in _divisors(stage_size):
+        dp = stage_size // tp
+        if tp > max_tp or micro_batch % dp or not _tp_ok(cfg, (spec.mixer, spec.ffn), tp) or (
+                space.tps is not None and tp not in space.tps):
+            continue
+        eps = [1]
+        if tp == 1 and spec.ffn in EP_SHARDS:
+            experts = _field(cfg, EP_SHARDS[spec.ffn])
+            eps = [ep for ep in _divisors(dp) if experts % ep == 0]
+        options += [UnitLayout(tp=tp, dp=kind, checkpoint=ckpt, ep=ep)
+                    for ep in eps for kind in space.dp_kinds for ckpt in space.checkpoints]
+    return options
+
+
+def end_options(cfg, stage_size: int, micro_batch: int, max_tp: int, space: Space = Space()) -> list[UnitLayout]:
+    """Layouts of the embedding and head (one for both)."""
+    return [UnitLayout(tp=tp, dp=kind) for tp in _divisors(stage_size)
+            if tp <= max_tp and micro_batch % (stage_size // tp) == 0 and cfg.vocab_size % tp == 0
+            for kind in space.dp_kinds]
+
+
+def pipeline_settings(cfg, world: int, global_batch: int, max_tp: int, space: Space = Space()) -> list[Settings]:
+    """Every pipeline setting (and end layout) the plan rules allow."""
+    n_layers = cfg.n_layers
+    out = []
+    for pp in _divisors(world):
+        if pp > min(n_layers, space.max_pp or n_layers):
+            continue
+        stage = world // pp
+        schedules = ["1f1b"] if pp == 1 else list(space.schedules)
+        for b in _divisors(global_batch):
+            m = global_batch // b
+            for schedule in schedules:
+                for v in VIRTUAL_STAGES[schedule]:
+                    if pp * v > n_layers or not _schedule_ok(pp, schedule, v, b, m):
+                        continue
+                    out += [Settings(pp, schedule, v, b, m, ends) for ends in end_options(cfg, stage, b, max_tp, space)]
+    return out
+
+
+def _schedule_ok(pp: int, schedule: str, virtual: int, micro_batch: int, micro_batches: int) -> bool:
+    """What `Plan.validate` requires of the pipeline, asked of the plan rules themselves."""
+    pipe = Pipeline(degree=pp, stages=[(i, i + 1) for i in range(pp * virtual)], virtual_stages=virtual,
+                    schedule=schedule, micro_batch_size=micro_batch, num_micro_batches=micro_batches)
+    plan = Plan(world_size=pp, pipeline=pipe, embedding=Layout(1, "ddp"), head=Layout(1, "ddp"),
+                layers=[LayerLayout(1, "ddp", "none", 1)] * (pp * virtual))
+    try:
+        plan.validate()
+    except PlanError:
+        return False
+    return True
+
+
+# --- inside a chunk: the Pareto frontier --------------------------------------------------------
+#
+# A partial assignment of a chunk's first layers is a tuple (objective, memory, transient, layouts):
+# objective = K x its micro-batch seconds + v x its optimizer seconds, memory = its state bytes +
+# in-flight micro-batches x its activation bytes, transient = the largest bytes live only while one
+# of its units works, and layouts a cons list (last layout, earlier cons list) or None.
+
+
+def layouts_of(cons) -> list[UnitLayout]:
+    out = []
+    while cons is not None:
+        out.append(cons[0])
+        cons = cons[1]
+    return out[::-1]
+
+
+def _pareto(points: list[tuple]) -> list[tuple]:
+    """The points no other point beats in objective, memory and transient bytes at once."""
+    points.sort(key=lambda p: (p[0], p[1], p[2]))
+    least_memory: dict[float, float] = {}  # transient -> least memory of a kept point with that transient
+    kept = []
+    for p in points:
+        if any(t <= p[2] and m <= p[1] for t, m in least_memory.items()):
+            continue
+        kept.append(p)
+        least_memory[p[2]] = min(least_memory.get(p[2], math.inf), p[1])
+    return kept
+
+
+class Planner:
+    """The search for one model, hardware, world and global batch."""
+
+    def __init__(self, hw, work: Workload, model_cfg, world: int, space: Space = Space()):
+        self.hw, self.work, self.cfg, self.world, self.space = hw, work, model_cfg, world, space
+        self.specs = model_cfg.layer_specs()
+        self.units = units(work)  # embedding, layers..., head
+        self.period = _period(self.specs)
+        self._cache: dict = {}
+
+    def _cached(self, key, make):
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    # -- costs, cached by unit and layout (layers of one type share them) --
+
+    def cost(self, unit_index: int, layout: UnitLayout, s: Settings):
+        unit, stage = self.units[unit_index], self.world // s.pp
+        return self._cached((unit, layout, stage, s.micro_batch),
+                            lambda: unit_cost(self.hw, self.work, unit, layout, stage, s.micro_batch))
+
+    def options(self, layer: int, s: Settings) -> list[UnitLayout]:
+        spec, stage = self.specs[layer], self.world // s.pp
+        return self._cached(("options", spec, stage, s.micro_batch),
+                            lambda: layer_options(self.cfg, spec, stage, s.micro_batch, self.hw.max_tp, self.space))
+
+    def step(self, unit_index: int, layout: UnitLayout, s: Settings, inflight: float) -> tuple[float, float, float]:
+        """What `layout` of a unit adds to a partial assignment: (objective, memory, transient)."""
+        c = self.cost(unit_index, layout, s)
+        k = schedule_factor(s.schedule, s.pp, s.virtual, s.micro_batches)
+        return (k * c.micro_batch_seconds + s.virtual * c.optimizer_seconds,
+                c.state_bytes + inflight * c.activation_bytes, c.transient_bytes)
+
+    def moves(self, layer: int, s: Settings, inflight: float) -> list[tuple]:
+        """(layout, objective, memory, transient) of every layout of `layer` that no layout of the same
+        tensor degree beats in all three (the relayouts around it depend on its degree only)."""
+        def make():
+            costed = [(o, *self.step(layer + 1, o, s, inflight)) for o in self.options(layer, s)]
+            return [a for a in costed if not any(b[0].tp == a[0].tp and b[1:] != a[1:] and
+                                                 all(x <= y for x, y in zip(b[1:], a[1:])) for b in costed)]
+        k = schedule_factor(s.schedule, s.pp, s.virtual, s.micro_batches)
+        return self._cached(("moves", self.specs[layer], self.world // s.pp, s.micro_batch, k, s.virtual, inflight),
+                            make)
+
+    def relayout_objective(self, s: Settings, src_tp: int, dst_tp: int) -> float:
+        k = schedule_factor(s.schedule, s.pp, s.virtual, s.micro_batches)
+        return k * relayout_seconds(self.hw, self.work, src_tp, dst_tp, self.world // s.pp, s.micro_batch)
+
+    # -- chunks --
+
+    def frontiers(self, s: Settings, start: int, tp_in: int, first: bool, stop: int, inflight: float, bound: float):
+        """For the chunk from layer `start` (entered at degree `tp_in`; after the embedding when `first`),
+        extended one layer at a time up to `stop`: yields (end, {last tp: frontier}) for every end.
+        Partial assignments that cannot fit or cannot beat `bound` are dropped. Computed rows are kept:
+        they depend on the layer types only (so on `start` modulo the period), and bounds only fall."""
+        k = schedule_factor(s.schedule, s.pp, s.virtual, s.micro_batches)
+        key = ("rows", s.pp, s.micro_batch, k, s.virtual, inflight, s.ends if first else None,
+               start % self.period, tp_in)
+        rows = self._cached(key, list)
+        for end in range(start + 1, stop + 1):
+            if end - start > len(rows):
+                previous = rows[-1] if rows else self._begin(s, tp_in, first, inflight)
+                rows.append(self._grow(previous, end - 1, s, inflight, bound))
+            yield end, rows[end - start - 1]
+
+    def _begin(self, s: Settings, tp_in: int, first: bool, inflight: float) -> dict[int, list[tuple]]:
+        if not first:
+            return {tp_in: [(0.0, 0.0, 0.0, None)]}
+        objective, memory, transient = self.step(0, s.ends, s, inflight)
+        return {tp_in: [(objective, memory, transient, (s.ends, None))]}
+
+    def _grow(self, states: dict[int, list[tuple]], layer: int, s: Settings, inflight: float,
+              bound: float) -> dict[int, list[tuple]]:
+        """The frontiers after adding `layer` in each of its layouts, by its tensor degree."""
+        budget = self.hw.memory / s.virtual
+        grown: dict[int, list[tuple]] = {}
+        for prev_tp, frontier in states.items():
+            for layout, objective, memory, transient in self.moves(layer, s, inflight):
+                objective += self.relayout_objective(s, prev_tp, layout.tp)
+                out = grown.setdefault(layout.tp, [])
+                for o, m, t, cons in frontier:
+                    o, m, t = o + objective, m + memory, max(t, transient)
+                    if o < bound and m + t <= budget:
+                        out.append((o, m, t, (layout, cons)))
+        return {tp: _pareto(points) for tp, points in grown.items() if points}
+
+    def close(self, p: tuple, last: bool, tp: int, s: Settings, inflight: float) -> tuple:
+        """A chunk's end: the head (last chunk, after its relayout) or the send to the next chunk."""
+        o, m, t, cons = p
+        if last:
+            objective, memory, transient = self.step(len(self.units) - 1, s.ends, s, inflight)
+            return (o + objective + self.relayout_objective(s, tp, s.ends.tp), m + memory, max(t, transient),
+                    (s.ends, cons))
+        k = schedule_factor(s.schedule, s.pp, s.virtual, s.micro_batches)
+        return (o + k * p2p_seconds(self.hw, self.work, tp, self.world // s.pp, s.micro_batch), m, t, cons)
+
+    def best_in_chunk(self, frontier: list[tuple], last: bool, tp: int, s: Settings, inflight: float) -> tuple | None:
+        """The chunk's fastest complete assignment that fits in its share of a device."""
+        budget = self.hw.memory / s.virtual
+        done = [d for d in (self.close(p, last, tp, s, inflight) for p in frontier) if d[1] + d[2] <= budget]
+        return min(done, key=lambda d: d[0]) if done else None
+
+    # -- stage boundaries --
+
+    def partition(self, s: Settings, bound: float = math.inf):
+        """The least largest chunk objective over every cut into chunks, with the chunks' assignments;
+        None if nothing fits or nothing beats `bound`."""
+        n, chunks = len(self.specs), s.chunks
+        # f[c]: {(end, tp of layer end - 1): (largest objective, [chunk assignments])}
+        f = [{(0, s.ends.tp): (0.0, [])}]
+        for c in range(chunks):
+            last = c == chunks - 1
+            inflight = in_flight(s.schedule, s.pp, s.virtual, s.micro_batches, c % s.pp)
+            nxt: dict = {}
+            for (start, tp_in), (worst, path) in f[c].items():
+                if worst >= bound:
+                    continue
+                stop = n - (chunks - c - 1)  # the chunks after this one need a layer each
+                for end, states in self.frontiers(s, start, tp_in, c == 0, stop, inflight, bound):
+                    if not states:
+                        break  # nothing longer can fit or beat the bound either
+                    if last and end != n:
+                        continue
+                    for tp, frontier in states.items():
+                        best = self.best_in_chunk(frontier, last, tp, s, inflight)
+                        if best is None:
+                            continue
+                        value = max(worst, best[0])
+                        if value < bound and value < nxt.get((end, tp), (math.inf,))[0]:
+                            nxt[(end, tp)] = (value, path + [best])
+            f.append(nxt)
+        done = [v for (end, _), v in f[chunks].items() if end == n]
+        return min(done, key=lambda v: v[0]) if done else None
+
+    def lower_bound(self, s: Settings) -> float:
+        """K x (every layer's fastest option) / chunks: no plan of these settings is faster."""
+        k = schedule_factor(s.schedule, s.pp, s.virtual, s.micro_batches)
+        total = sum(min(self.cost(i + 1, o, s).micro_batch_seconds for o in self.options(i, s))
+                    for i in range(len(self.specs)))
+        return k * total / s.chunks
+
+    # -- the whole search --
+
+    def search(self, global_batch: int, uniform_only: bool = False) -> tuple[Plan, float, int] | None:
+        settings = [s for s in pipeline_settings(self.cfg, self.world, global_batch, self.hw.max_tp, self.space)
+                    if all(self.options(i, s) for i in range(len(self.specs)))]
+        if not settings:
+            raise ConfigError(f"global batch of {global_batch} sequences: no pipeline degree, micro-batch split and "
+                              f"tensor degrees on {self.world} ranks give every layer a data-parallel degree that "
+                              f"divides its micro-batch")
+        ranked = sorted(((self.lower_bound(s), i, s) for i, s in enumerate(settings)), key=lambda t: t[:2])
+        best, best_value, visited = None, math.inf, 0
+        for bound, _, s in ranked:
+            if bound >= best_value:
+                break
+            visited += 1
+            found = self.uniform(s, best_value) if uniform_only else self.partition(s, best_value)
+            if found is not None and found[0] < best_value:
+                best_value, best = found[0], (s, found[1])
+        if best is None:
+            return None
+        return self.to_plan(*best), best_value, visited
+
+    def uniform(self, s: Settings, bound: float = math.inf):
+        """The best plan with one layout for every layer (even stages), as `partition` reports it."""
+        stages = even_stages(len(self.specs), s.chunks)
+        best = None
+        for layout in {o for i in range(len(self.specs)) for o in self.options(i, s)}:
+            per_layer = [_uniform_layout(layout, self.specs[i], self.options(i, s)) for i in range(len(self.specs))]
+            if None in per_layer:
+                continue
+            path = [self.chunk_of(s, c, per_layer, start, end) for c, (start, end) in enumerate(stages)]
+            if None in path:
+                continue
+            worst = max(p[0] for p in path)
+            if worst < bound and (best is None or worst < best[0]):
+                best = (worst, path)
+        return best
+
+    def chunk_of(self, s: Settings, c: int, per_layer: list[UnitLayout], start: int, end: int) -> tuple | None:
+        """Chunk `c` (layers [start, end)) in the given layouts, or None if it does not fit its share."""
+        inflight = in_flight(s.schedule, s.pp, s.virtual, s.micro_batches, c % s.pp)
+        p = self._begin(s, s.ends.tp, c == 0, inflight)[s.ends.tp][0]
+        prev = s.ends.tp if c == 0 else per_layer[start - 1].tp
+        for i in range(start, end):
+            objective, memory, transient = self.step(i + 1, per_layer[i], s, inflight)
+            objective += self.relayout_objective(s, prev, per_layer[i].tp)
+            p = (p[0] + objective, p[1] + memory, max(p[2], transient), (per_layer[i], p[3]))
+            prev = per_layer[i].tp
+        p = self.close(p, c == s.chunks - 1, prev, s, inflight)
+        return p if p[1] + p[2] <= self.hw.memory / s.virtual else None
+
+    def to_plan(self, s: Settings, path: list[tuple]) -> Plan:
+        """The plan of the chunk assignments `path` (the first holds the embedding, the last the head)."""
+        layouts, stages, start = [], [], 0
+        for c, p in enumerate(path):
+            mine = layouts_of(p[3])
+            mine = mine[1:] if c == 0 else mine
+            mine = mine[:-1] if c == len(path) - 1 else mine
+            layouts += mine
+            stages.append((start, start + len(mine)))
+            start += len(mine)
+        return plan_of(s, self.world, layouts, stages)
+
+
+def plan_of(s: Settings, world: int, layouts: list[UnitLayout], stages: list[tuple[int, int]]) -> Plan:
+    """A plan from search settings, every layer's layout and the stage boundaries."""
+    ends = Layout(tp=s.ends.tp, dp=s.ends.dp)
+    return Plan(world_size=world,
+                pipeline=Pipeline(degree=s.pp, stages=stages, virtual_stages=s.virtual, schedule=s.schedule,
+                                  micro_batch_size=s.micro_batch, num_micro_batches=s.micro_batches),
+                embedding=ends, head=replace(ends),
+                layers=[LayerLayout(tp=o.tp, dp=o.dp, checkpoint="full" if o.checkpoint else "none", ep=o.ep)
+                        for o in layouts],
+                source="planner")
+
+
+def _uniform_layout(layout: UnitLayout, spec, options: list[UnitLayout]) -> UnitLayout | None:
+    """`layout` for a layer of type `spec`: its ep only applies to layers that split experts."""
+    fitted = layout if spec.ffn in EP_SHARDS else replace(layout, ep=1)
+    return fitted if fitted in options else None
+
+
+def _period(specs) -> int:
+    """The shortest period of the layer pattern."""
+    n = len(specs)
+    return next(p for p in range(1, n + 1) if all(specs[i] == specs[i % p] for i in range(n)))
+
+
+def plan_search(hw, work: Workload, model_cfg, world: int, space: Space = Space()) -> SearchResult:
+    """The fastest plan that fits and the fastest uniform one, with their predictions."""
+    began = time.perf_counter()
+    planner = Planner(hw, work, model_cfg, world, space)
+    found = planner.search(work.global_batch)
+    if found is None:
+        raise ConfigError(_infeasible(planner, work))
+    plan, _, visited = found
+    uniform = planner.search(work.global_batch, uniform_only=True)
+    prediction = predict(hw, work, plan)
+    plan.predicted = Predicted(step_time_s=prediction.step_seconds, peak_memory_bytes=int(max(prediction.memory_per_rank)),
+                               stage_peak_memory_bytes=[int(b) for b in prediction.memory_per_rank])
+    result = SearchResult(plan=plan, prediction=prediction, uniform_plan=uniform[0] if uniform else None,
+                          uniform_prediction=predict(hw, work, uniform[0]) if uniform else None,
+                          seconds=time.perf_counter() - began, visited=visited)
+    return result
+
+
+def _infeasible(planner: Planner, work: Workload) -> str:
+    """Why nothing fits: the least memory a device needs under the most frugal plan of the space
+    (every layer fsdp with full checkpointing at its largest tensor degree, the deepest pipeline)."""
+    least = math.inf
+    for s in pipeline_settings(planner.cfg, planner.world, work.global_batch, planner.hw.max_tp, planner.space):
+        if not all(planner.options(i, s) for i in range(len(planner.specs))):
+            continue
+        frugal = [min(planner.options(i, s), key=lambda o: (o.dp != "fsdp", not o.checkpoint, -o.tp, -o.ep))
+                  for i in range(len(planner.specs))]
+        plan = plan_of(s, planner.world, frugal, even_stages(len(frugal), s.chunks))
+        least = min(least, max(predict(planner.hw, work, plan).memory_per_rank) * s.virtual)
+    return (f"no plan fits: even the most frugal plan of the search space (fsdp where allowed, full checkpointing, "
+            f"the widest tensor and expert degrees, the deepest pipeline) needs {human_bytes(least)} per device; {human_bytes(planner.hw.memory)} available")
+
+

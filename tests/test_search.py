@@ -1,0 +1,108 @@
+"""The planner's search against brute force: on small instances it finds the optimum of every plan
+in its space, as the cost model (`launcher.cost.predict`) scores them."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import pytest
+
+from stratagem.errors import ConfigError
+from stratagem.launcher.cluster import Link, builtin_cluster
+from stratagem.launcher.cost import Workload, predict
+from stratagem.launcher.hardware import Analytic
+from stratagem.launcher.search import Planner, Space, layer_options, pipeline_settings, plan_of, plan_search
+from stratagem.model import get_flavor
+from stratagem.parallel.plan import check_plan
+
+
+def hardware(memory: float, devices_per_node: int = 8, nodes: int = 1) -> Analytic:
+    """An H100-like cluster with `memory` bytes per device, slow links so communication matters."""
+    cluster = dataclasses.replace(builtin_cluster("h100-sxm", nodes), devices_per_node=devices_per_node,
+                                  device_memory=int(memory), intra_node=Link(bandwidth=2e9, latency=2e-5),
+                                  inter_node=Link(bandwidth=2e8, latency=1e-4))
+    return Analytic(cluster)
+
+
+def cuts(n_layers: int, chunks: int):
+    """Every cut of n_layers into `chunks` non-empty contiguous ranges."""
+    for bounds in itertools.combinations(range(1, n_layers), chunks - 1):
+        edges = (0, *bounds, n_layers)
+        yield [(edges[i], edges[i + 1]) for i in range(chunks)]
+
+
+def brute_force(hw, work: Workload, cfg, world: int, space: Space) -> float:
+    """The least predicted step time over every plan of the space that fits."""
+    specs = cfg.layer_specs()
+    best = math.inf
+    for s in pipeline_settings(cfg, world, work.global_batch, hw.max_tp, space):
+        stage = world // s.pp
+        per_layer = [layer_options(cfg, spec, stage, s.micro_batch, hw.max_tp, space) for spec in specs]
+        for stages in cuts(len(specs), s.chunks):
+            for layouts in itertools.product(*per_layer):
+                plan = plan_of(s, world, list(layouts), stages)
+                prediction = predict(hw, work, plan)
+                if prediction.fits:
+                    best = min(best, prediction.step_seconds)
+    return best
+
+
+def small(flavor: str, **changes):
+    return dataclasses.replace(get_flavor(flavor), **changes)
+
+
+INSTANCES = {
+    # name: (model, world, global batch, seq_len, memory per device, space)
+    "dense-2-ranks-all-choices": (small("tiny", n_layers=3), 2, 4, 64, 3e6, Space()),
+    "hybrid-4-ranks-partitions": (small("tiny-hybrid", n_layers=4, n_kv_heads=4), 4, 8, 64, 2.5e6,
+                                  Space(dp_kinds=("fsdp",))),
+    "hybrid-8-layers-checkpointing": (small("tiny-hybrid", n_layers=8, n_kv_heads=4), 4, 8, 64, 5e6,
+                                      Space(dp_kinds=("zero2",), tps=(1,), schedules=("1f1b", "interleaved_1f1b"))),
+    "moe-4-ranks-expert-degrees": (small("tiny-moe", n_layers=2, n_kv_heads=4), 4, 4, 32, 1.9e6,
+                                   Space(checkpoints=(False,))),
+    "moe-8-ranks-2-nodes": (small("tiny-hybrid-moe", n_layers=4, n_kv_heads=4), 8, 8, 32, 4e6,
+                            Space(dp_kinds=("fsdp",), checkpoints=(False,), schedules=("1f1b", "zero_bubble"))),
+}
+
+
+@pytest.mark.parametrize("name", INSTANCES)
+def test_search_finds_the_brute_force_optimum(name):
+    cfg, world, batch, seq_len, memory, space = INSTANCES[name]
+    hw = hardware(memory, devices_per_node=4 if world == 8 else 8, nodes=2 if world == 8 else 1)
+    work = Workload.of(cfg, seq_len, batch)
+    want = brute_force(hw, work, cfg, world, space)
+    assert want < math.inf, "the instance must have plans that fit"
+    result = plan_search(hw, work, cfg, world, space)
+    check_plan(result.plan, cfg, world=world)
+    assert result.prediction.fits
+    assert result.prediction.step_seconds == pytest.approx(want, rel=1e-9)
+    assert result.plan.predicted.step_time_s == pytest.approx(want, rel=1e-9)
+    # the memory limit binds on these instances: without it the optimum is faster
+    roomy = hardware(1e12, devices_per_node=4 if world == 8 else 8, nodes=2 if world == 8 else 1)
+    assert plan_search(roomy, work, cfg, world, space).prediction.step_seconds < want
+
+
+def test_uniform_plan_is_never_faster_and_is_uniform():
+    cfg, world, batch, seq_len, memory, space = INSTANCES["hybrid-8-layers-checkpointing"]
+    hw = hardware(memory)
+    result = plan_search(hw, Workload.of(cfg, seq_len, batch), cfg, world, space)
+    uniform = result.uniform_plan
+    assert uniform is not None
+    assert len({(l.tp, l.dp, l.checkpoint) for l in uniform.layers}) == 1
+    assert result.uniform_prediction.fits
+    assert result.prediction.step_seconds <= result.uniform_prediction.step_seconds
+
+
+def test_a_model_that_cannot_fit_says_how_much_it_needs():
+    cfg = small("tiny", n_layers=2)
+    with pytest.raises(ConfigError, match=r"^no plan fits: .* needs [0-9.]+ [KM]iB per device; 1000 B available$"):
+        plan_search(hardware(1e3), Workload.of(cfg, 64, 4), cfg, 2)
+
+
+def test_a_batch_no_plan_can_split_is_refused():
+    cfg = small("tiny", n_layers=2)
+    planner = Planner(hardware(1e9), Workload.of(cfg, 64, 3), cfg, 4, Space(max_pp=1, tps=(1,)))
+    with pytest.raises(ConfigError, match="global batch of 3 sequences"):
+        planner.search(3)
