@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import math
 import time
+
+import numpy as np
 from dataclasses import dataclass, replace
 
 from stratagem.errors import ConfigError
@@ -46,6 +48,7 @@ from stratagem.launcher.cost import (UnitLayout, Workload, in_flight, p2p_second
 from stratagem.parallel.plan import (DP_KINDS, EP_SHARDS, TP_SHARDS, LayerLayout, Layout, Pipeline, Plan, PlanError,
                                      Predicted, even_stages)
 
+FRONTIER_POINTS = 128  # beyond this many points a frontier keeps the fastest per 1/128 of the memory budget
 VIRTUAL_STAGES = {"gpipe": (1,), "1f1b": (1,), "interleaved_1f1b": (2, 4), "zero_bubble": (2, 4)}
 
 
@@ -162,10 +165,22 @@ def _schedule_ok(pp: int, schedule: str, virtual: int, micro_batch: int, micro_b
 
 # --- inside a chunk: the Pareto frontier --------------------------------------------------------
 #
-# A partial assignment of a chunk's first layers is a tuple (objective, memory, transient, layouts):
-# objective = K x its micro-batch seconds + v x its optimizer seconds, memory = its state bytes +
-# in-flight micro-batches x its activation bytes, transient = the largest bytes live only while one
-# of its units works, and layouts a cons list (last layout, earlier cons list) or None.
+# A frontier holds partial assignments of a chunk's first layers as numpy arrays: objective (K x
+# micro-batch seconds + v x optimizer seconds), memory (state bytes + in-flight micro-batches x
+# activation bytes), transient (the largest bytes live only while one of its units works), and a
+# list of layouts as cons lists ((last layout, earlier cons list) or None), one per point.
+
+
+@dataclass
+class Frontier:
+    objective: np.ndarray
+    memory: np.ndarray
+    transient: np.ndarray
+    cons: list
+
+    @classmethod
+    def single(cls, objective: float, memory: float, transient: float, cons) -> Frontier:
+        return cls(np.array([objective]), np.array([memory]), np.array([transient]), [cons])
 
 
 def layouts_of(cons) -> list[UnitLayout]:
@@ -176,17 +191,28 @@ def layouts_of(cons) -> list[UnitLayout]:
     return out[::-1]
 
 
-def _pareto(points: list[tuple]) -> list[tuple]:
-    """The points no other point beats in objective, memory and transient bytes at once."""
-    points.sort(key=lambda p: (p[0], p[1], p[2]))
-    least_memory: dict[float, float] = {}  # transient -> least memory of a kept point with that transient
-    kept = []
-    for p in points:
-        if any(t <= p[2] and m <= p[1] for t, m in least_memory.items()):
-            continue
-        kept.append(p)
-        least_memory[p[2]] = min(least_memory.get(p[2], math.inf), p[1])
-    return kept
+def _pareto(objective: np.ndarray, memory: np.ndarray, transient: np.ndarray) -> np.ndarray:
+    """Indices of the points no other point beats (or equals) in objective, memory and transient at
+    once. In objective order, a point is dominated if an earlier one has no more memory and no more
+    transient bytes: per transient level, a running minimum of the memory of earlier points at or
+    below that level (transient bytes take few distinct values)."""
+    order = np.lexsort((transient, memory, objective))
+    m, t = memory[order], transient[order]
+    dominated = np.zeros(len(order), dtype=bool)
+    for level in np.unique(t):
+        below = np.where(t <= level, m, np.inf)
+        earlier = np.concatenate(([np.inf], np.minimum.accumulate(below)[:-1]))
+        dominated |= (t == level) & (earlier <= m)
+    return order[~dominated]
+
+
+def _thin(objective: np.ndarray, memory: np.ndarray, budget: float) -> np.ndarray:
+    """Indices of the fastest point in each 1 / FRONTIER_POINTS of `budget` (by peak memory)."""
+    bucket = np.minimum((memory / budget * FRONTIER_POINTS).astype(np.int64), FRONTIER_POINTS - 1)
+    order = np.lexsort((objective, bucket))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = bucket[order][1:] != bucket[order][:-1]
+    return order[first]
 
 
 class Planner:
@@ -255,42 +281,53 @@ class Planner:
                 rows.append(self._grow(previous, end - 1, s, inflight, bound))
             yield end, rows[end - start - 1]
 
-    def _begin(self, s: Settings, tp_in: int, first: bool, inflight: float) -> dict[int, list[tuple]]:
+    def _begin(self, s: Settings, tp_in: int, first: bool, inflight: float) -> dict[int, Frontier]:
         if not first:
-            return {tp_in: [(0.0, 0.0, 0.0, None)]}
-        objective, memory, transient = self.step(0, s.ends, s, inflight)
-        return {tp_in: [(objective, memory, transient, (s.ends, None))]}
+            return {tp_in: Frontier.single(0.0, 0.0, 0.0, None)}
+        return {tp_in: Frontier.single(*self.step(0, s.ends, s, inflight), (s.ends, None))}
 
-    def _grow(self, states: dict[int, list[tuple]], layer: int, s: Settings, inflight: float,
-              bound: float) -> dict[int, list[tuple]]:
+    def _grow(self, states: dict[int, Frontier], layer: int, s: Settings, inflight: float,
+              bound: float) -> dict[int, Frontier]:
         """The frontiers after adding `layer` in each of its layouts, by its tensor degree."""
         budget = self.hw.memory / s.virtual
-        grown: dict[int, list[tuple]] = {}
-        for prev_tp, frontier in states.items():
+        parts: dict[int, list] = {}
+        for prev_tp, f in states.items():
             for layout, objective, memory, transient in self.moves(layer, s, inflight):
                 objective += self.relayout_objective(s, prev_tp, layout.tp)
-                out = grown.setdefault(layout.tp, [])
-                for o, m, t, cons in frontier:
-                    o, m, t = o + objective, m + memory, max(t, transient)
-                    if o < bound and m + t <= budget:
-                        out.append((o, m, t, (layout, cons)))
-        return {tp: _pareto(points) for tp, points in grown.items() if points}
+                parts.setdefault(layout.tp, []).append(
+                    (f.objective + objective, f.memory + memory, np.maximum(f.transient, transient), f.cons, layout))
+        grown = {}
+        for tp, group in parts.items():
+            o, m, t = (np.concatenate([g[i] for g in group]) for i in range(3))
+            owner = np.repeat(np.arange(len(group)), [len(g[0]) for g in group])
+            start = np.cumsum([0] + [len(g[0]) for g in group])
+            fits = np.nonzero((o < bound) & (m + t <= budget))[0]
+            if not len(fits):
+                continue
+            kept = fits[_pareto(o[fits], m[fits], t[fits])]
+            if len(kept) > FRONTIER_POINTS:
+                kept = kept[_thin(o[kept], m[kept] + t[kept], budget)]
+            cons = [(group[owner[i]][4], group[owner[i]][3][i - start[owner[i]]]) for i in kept]
+            grown[tp] = Frontier(o[kept], m[kept], t[kept], cons)
+        return grown
 
-    def close(self, p: tuple, last: bool, tp: int, s: Settings, inflight: float) -> tuple:
+    def close(self, f: Frontier, last: bool, tp: int, s: Settings, inflight: float) -> Frontier:
         """A chunk's end: the head (last chunk, after its relayout) or the send to the next chunk."""
-        o, m, t, cons = p
         if last:
             objective, memory, transient = self.step(len(self.units) - 1, s.ends, s, inflight)
-            return (o + objective + self.relayout_objective(s, tp, s.ends.tp), m + memory, max(t, transient),
-                    (s.ends, cons))
+            objective += self.relayout_objective(s, tp, s.ends.tp)
+            return Frontier(f.objective + objective, f.memory + memory, np.maximum(f.transient, transient),
+                            [(s.ends, cons) for cons in f.cons])
         k = schedule_factor(s.schedule, s.pp, s.virtual, s.micro_batches)
-        return (o + k * p2p_seconds(self.hw, self.work, tp, self.world // s.pp, s.micro_batch), m, t, cons)
+        send = k * p2p_seconds(self.hw, self.work, tp, self.world // s.pp, s.micro_batch)
+        return Frontier(f.objective + send, f.memory, f.transient, f.cons)
 
-    def best_in_chunk(self, frontier: list[tuple], last: bool, tp: int, s: Settings, inflight: float) -> tuple | None:
-        """The chunk's fastest complete assignment that fits in its share of a device."""
-        budget = self.hw.memory / s.virtual
-        done = [d for d in (self.close(p, last, tp, s, inflight) for p in frontier) if d[1] + d[2] <= budget]
-        return min(done, key=lambda d: d[0]) if done else None
+    def best_in_chunk(self, f: Frontier, last: bool, tp: int, s: Settings, inflight: float) -> tuple | None:
+        """The chunk's fastest complete assignment that fits in its share of a device: (objective, cons)."""
+        done = self.close(f, last, tp, s, inflight)
+        objective = np.where(done.memory + done.transient <= self.hw.memory / s.virtual, done.objective, np.inf)
+        i = int(np.argmin(objective))
+        return (float(objective[i]), done.cons[i]) if objective[i] < np.inf else None
 
     # -- stage boundaries --
 
@@ -325,15 +362,34 @@ class Planner:
         return min(done, key=lambda v: v[0]) if done else None
 
     def lower_bound(self, s: Settings) -> float:
-        """K x (every layer's fastest option) / chunks: no plan of these settings is faster."""
-        k = schedule_factor(s.schedule, s.pp, s.virtual, s.micro_batches)
-        total = sum(min(self.cost(i + 1, o, s).micro_batch_seconds for o in self.options(i, s))
-                    for i in range(len(self.specs)))
-        return k * total / s.chunks
+        """No plan of settings `s` is faster than this: the largest chunk objective is at least the
+        mean over chunks, and the sum over chunks is at least the least sum of the units' objectives
+        whose memory (state and activations at the fewest in-flight micro-batches; relayouts and
+        transients dropped) fits in all chunks' shares together. That knapsack is bounded by its
+        Lagrangian relaxation: for any lam >= 0, sum of min(objective + lam memory) - lam capacity."""
+        inflight = min(in_flight(s.schedule, s.pp, s.virtual, s.micro_batches, r) for r in range(s.pp))
+        per_spec = {spec: np.array([self.step(self.specs.index(spec) + 1, o, s, inflight)[:2]
+                                    for o in self.options(self.specs.index(spec), s)]) for spec in set(self.specs)}
+        counts = {spec: self.specs.count(spec) for spec in per_spec}
+        ends = [self.step(u, s.ends, s, inflight)[:2] for u in (0, len(self.units) - 1)]
+        capacity = s.pp * self.hw.memory - sum(m for _, m in ends)
+        fastest = sum(counts[spec] * costs[:, 0].min() for spec, costs in per_spec.items())
+        frugal = sum(counts[spec] * costs[:, 1].min() for spec, costs in per_spec.items())
+        if frugal > capacity:
+            return math.inf  # nothing fits
+        best = fastest
+        scale = fastest / max(frugal, 1.0)
+        for lam in scale * np.geomspace(1e-3, 1e3, 25):
+            relaxed = sum(counts[spec] * (costs[:, 0] + lam * costs[:, 1]).min() for spec, costs in per_spec.items())
+            best = max(best, relaxed - lam * capacity)
+        return (best + sum(o for o, _ in ends)) / s.chunks
 
     # -- the whole search --
 
-    def search(self, global_batch: int, uniform_only: bool = False) -> tuple[Plan, float, int] | None:
+    def search(self, global_batch: int, uniform_only: bool = False, bound: float = math.inf):
+        """The best (settings, chunk assignments) that beats `bound`: (plan, its step time, settings
+        costed in full), or None. Settings are visited in lower-bound order, so the search stops at
+        the first whose bound cannot beat the best plan so far."""
         settings = [s for s in pipeline_settings(self.cfg, self.world, global_batch, self.hw.max_tp, self.space)
                     if all(self.options(i, s) for i in range(len(self.specs)))]
         if not settings:
@@ -341,9 +397,9 @@ class Planner:
                               f"tensor degrees on {self.world} ranks give every layer a data-parallel degree that "
                               f"divides its micro-batch")
         ranked = sorted(((self.lower_bound(s), i, s) for i, s in enumerate(settings)), key=lambda t: t[:2])
-        best, best_value, visited = None, math.inf, 0
-        for bound, _, s in ranked:
-            if bound >= best_value:
+        best, best_value, visited = None, bound, 0
+        for lower, _, s in ranked:
+            if lower >= best_value:
                 break
             visited += 1
             found = self.uniform(s, best_value) if uniform_only else self.partition(s, best_value)
@@ -370,23 +426,23 @@ class Planner:
         return best
 
     def chunk_of(self, s: Settings, c: int, per_layer: list[UnitLayout], start: int, end: int) -> tuple | None:
-        """Chunk `c` (layers [start, end)) in the given layouts, or None if it does not fit its share."""
+        """Chunk `c` (layers [start, end)) in the given layouts: (objective, cons), or None if it does
+        not fit its share of a device."""
         inflight = in_flight(s.schedule, s.pp, s.virtual, s.micro_batches, c % s.pp)
-        p = self._begin(s, s.ends.tp, c == 0, inflight)[s.ends.tp][0]
         prev = s.ends.tp if c == 0 else per_layer[start - 1].tp
+        f = self._begin(s, prev, c == 0, inflight)[prev]
+        o, m, t, cons = float(f.objective[0]), float(f.memory[0]), float(f.transient[0]), f.cons[0]
         for i in range(start, end):
             objective, memory, transient = self.step(i + 1, per_layer[i], s, inflight)
-            objective += self.relayout_objective(s, prev, per_layer[i].tp)
-            p = (p[0] + objective, p[1] + memory, max(p[2], transient), (per_layer[i], p[3]))
-            prev = per_layer[i].tp
-        p = self.close(p, c == s.chunks - 1, prev, s, inflight)
-        return p if p[1] + p[2] <= self.hw.memory / s.virtual else None
+            o, m, t = o + objective + self.relayout_objective(s, prev, per_layer[i].tp), m + memory, max(t, transient)
+            cons, prev = (per_layer[i], cons), per_layer[i].tp
+        return self.best_in_chunk(Frontier.single(o, m, t, cons), c == s.chunks - 1, prev, s, inflight)
 
     def to_plan(self, s: Settings, path: list[tuple]) -> Plan:
         """The plan of the chunk assignments `path` (the first holds the embedding, the last the head)."""
         layouts, stages, start = [], [], 0
         for c, p in enumerate(path):
-            mine = layouts_of(p[3])
+            mine = layouts_of(p[1])
             mine = mine[1:] if c == 0 else mine
             mine = mine[:-1] if c == len(path) - 1 else mine
             layouts += mine
@@ -420,21 +476,24 @@ def _period(specs) -> int:
 
 
 def plan_search(hw, work: Workload, model_cfg, world: int, space: Space = Space()) -> SearchResult:
-    """The fastest plan that fits and the fastest uniform one, with their predictions."""
+    """The fastest plan that fits and the fastest uniform one, with their predictions.
+
+    The uniform search runs first: its plan is in the per-layer space too (one layout everywhere,
+    even stages), so its step time bounds the per-layer search from the start."""
     began = time.perf_counter()
     planner = Planner(hw, work, model_cfg, world, space)
-    found = planner.search(work.global_batch)
+    uniform = planner.search(work.global_batch, uniform_only=True)
+    bound = uniform[1] * (1 + 1e-9) if uniform else math.inf  # a per-layer plan as fast as it is found too
+    found = planner.search(work.global_batch, bound=bound) or uniform
     if found is None:
         raise ConfigError(_infeasible(planner, work))
     plan, _, visited = found
-    uniform = planner.search(work.global_batch, uniform_only=True)
     prediction = predict(hw, work, plan)
     plan.predicted = Predicted(step_time_s=prediction.step_seconds, peak_memory_bytes=int(max(prediction.memory_per_rank)),
                                stage_peak_memory_bytes=[int(b) for b in prediction.memory_per_rank])
-    result = SearchResult(plan=plan, prediction=prediction, uniform_plan=uniform[0] if uniform else None,
-                          uniform_prediction=predict(hw, work, uniform[0]) if uniform else None,
-                          seconds=time.perf_counter() - began, visited=visited)
-    return result
+    return SearchResult(plan=plan, prediction=prediction, uniform_plan=uniform[0] if uniform else None,
+                        uniform_prediction=predict(hw, work, uniform[0]) if uniform else None,
+                        seconds=time.perf_counter() - began, visited=visited)
 
 
 def _infeasible(planner: Planner, work: Workload) -> str:
