@@ -165,6 +165,70 @@ def cmd_plan_new(args, overrides: list[str]) -> int:
     return 0
 
 
+def _hardware(cluster: str, nodes: int | None):
+    """`--cluster`: a profile of this machine (a JSON file `stratagem profile` wrote) or a cluster spec
+    (a built-in name or a spec file)."""
+    import json
+
+    from stratagem.launcher.cluster import load_cluster
+    from stratagem.launcher.hardware import Analytic, Measured
+    from stratagem.launcher.profile import load_profile
+
+    path = Path(cluster)
+    if path.suffix == ".json" and path.is_file():
+        try:
+            is_profile = "collectives" in json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}: not a readable JSON cluster spec or profile ({e})") from None
+        if is_profile:
+            if nodes is not None:
+                raise ConfigError(f"--nodes {nodes}: a profile describes the machine it was measured on; drop --nodes")
+            return Measured(load_profile(path))
+    return Analytic(load_cluster(cluster, nodes))
+
+
+def cmd_plan_search(args, overrides: list[str]) -> int:
+    from stratagem.launcher.cost import FP32_ADAM, MIXED_ADAM, Workload
+    from stratagem.launcher.search import plan_search
+    from stratagem.model.counts import human_bytes
+    from stratagem.parallel.plan import describe, dump_plan
+
+    config = _flavor_or_config(args.model, overrides)
+    seq_len = args.seq_len or config.data.seq_len
+    tokens = args.global_batch_tokens or config.train.global_batch_tokens
+    if tokens % seq_len:
+        raise ConfigError(f"--global-batch-tokens {tokens}: not a whole number of {seq_len}-token sequences")
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not args.force:
+        raise ConfigError(f"{out}: already exists; pass --force to replace it")
+    hw = _hardware(args.cluster, args.nodes)
+    world = args.world or hw.cluster.world
+    mixed = args.precision == "bf16-mixed"
+    work = Workload.of(config.model, seq_len, tokens // seq_len, state=MIXED_ADAM if mixed else FP32_ADAM,
+                       activation_bytes=2 if mixed else 4)
+    result = plan_search(hw, work, config.model, world)
+    specs = config.model.layer_specs()
+    print(describe(result.plan, specs))
+
+    def line(name: str, prediction) -> str:
+        mfu = f", MFU {prediction.mfu:.1%}" if prediction.mfu is not None else ""
+        return (f"{name:9s} {prediction.step_seconds * 1000:10.1f} ms/step  {prediction.tokens_per_second:12,.0f} "
+                f"tokens/s{mfu}, peak {human_bytes(max(prediction.memory_per_rank))} per rank "
+                f"of {human_bytes(hw.memory)}")
+
+    print(f"\nplanned for {world} ranks of {hw.cluster.name}, {tokens:,} tokens per step ({tokens // seq_len} x "
+          f"{seq_len}), {args.precision}; searched in {result.seconds:.2f} s")
+    print(line("per-layer", result.prediction))
+    if result.uniform_prediction is not None:
+        print(line("uniform", result.uniform_prediction))
+        gain = result.uniform_prediction.step_seconds / result.prediction.step_seconds
+        print(f"per-layer plan: {gain:.3f}x the best uniform plan's speed")
+    if out is not None:
+        dump_plan(result.plan, out)
+        print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from stratagem.parallel.plan import CHECKPOINTS, DP_KINDS, SCHEDULES  # no torch
 
@@ -279,6 +343,28 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--out", required=True, help="the plan file to write")
     new.add_argument("--force", action="store_true", help="replace an existing --out")
     new.set_defaults(func=cmd_plan_new, takes_overrides=True)
+
+    search = plan.add_parser("search", help="find the fastest per-layer plan for a cluster or this machine's profile",
+                             description="Search, under the cost model, the plan (pipeline, schedule, micro-batches, "
+                                         "stage boundaries and per layer tp, dp kind, checkpointing, ep) with the "
+                                         "shortest predicted step that fits in memory; print it per layer with its "
+                                         "predictions beside the best uniform plan's.")
+    search.add_argument("--model", default=DEFAULT_CONFIG, metavar="FLAVOR_OR_CONFIG",
+                        help="a model flavor or a config (default: demo)")
+    search.add_argument("--cluster", required=True, metavar="SPEC|PROFILE",
+                        help="a built-in cluster (h100-sxm, a100-80g), a spec file (.toml/.json) or a profile "
+                             "JSON from stratagem profile")
+    search.add_argument("--nodes", type=int, default=None, help="nodes of the cluster spec (default: the spec's)")
+    search.add_argument("--world", type=int, default=0, help="ranks to plan for (default: the whole cluster)")
+    search.add_argument("--global-batch-tokens", type=int, default=0,
+                        help="tokens per optimizer step (default: the config's train.global_batch_tokens)")
+    search.add_argument("--seq-len", type=int, default=0, help="tokens per sequence (default: the config's)")
+    search.add_argument("--precision", choices=("fp32", "bf16-mixed"), default="fp32",
+                        help="fp32: this runtime's float32 AdamW (16 bytes/parameter, 4-byte activations); "
+                             "bf16-mixed: bf16 weights and activations, fp32 master and moments (default fp32)")
+    search.add_argument("--out", default=None, help="write the plan here")
+    search.add_argument("--force", action="store_true", help="replace an existing --out")
+    search.set_defaults(func=cmd_plan_search, takes_overrides=True)
 
     config = sub.add_parser("config", help="print the resolved config (after flavor and overrides)")
     config.add_argument("config", nargs="?", default=DEFAULT_CONFIG)

@@ -6,6 +6,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +19,7 @@ from stratagem.launcher.cost import Workload, predict
 from stratagem.launcher.hardware import Analytic
 from stratagem.launcher.search import Planner, Space, layer_options, pipeline_settings, plan_of, plan_search
 from stratagem.model import get_flavor
-from stratagem.parallel.plan import check_plan
+from stratagem.parallel.plan import check_plan, load_plan
 
 
 def hardware(memory: float, devices_per_node: int = 8, nodes: int = 1) -> Analytic:
@@ -106,3 +110,37 @@ def test_a_batch_no_plan_can_split_is_refused():
     planner = Planner(hardware(1e9), Workload.of(cfg, 64, 3), cfg, 4, Space(max_pp=1, tps=(1,)))
     with pytest.raises(ConfigError, match="global batch of 3 sequences"):
         planner.search(3)
+
+
+# --- the command line -----------------------------------------------------------------------------
+
+def stratagem(*args, cwd):
+    exe = shutil.which("stratagem") or str(Path(sys.executable).parent / "stratagem")
+    return subprocess.run([exe, *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_plan_search_prints_the_plan_and_writes_it(tmp_path):
+    done = stratagem("plan", "search", "--model", "llama-1b", "--cluster", "h100-sxm", "--nodes", "2",
+                     "--global-batch-tokens", str(64 * 2048), "--seq-len", "2048", "--precision", "bf16-mixed",
+                     "--out", "plan.json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "planned for 16 ranks of h100-sxm" in done.stdout
+    assert "per-layer" in done.stdout and "uniform" in done.stdout and "best uniform plan's speed" in done.stdout
+    plan = load_plan(tmp_path / "plan.json")
+    check_plan(plan, get_flavor("llama-1b"), world=16)
+    assert plan.predicted.step_time_s > 0
+    again = stratagem("plan", "search", "--model", "llama-1b", "--cluster", "h100-sxm", "--out", "plan.json",
+                      cwd=tmp_path)
+    assert again.returncode == 2 and "plan.json: already exists" in again.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--cluster", "tpu-v9"], "tpu-v9"),
+    (["--cluster", "h100-sxm", "--global-batch-tokens", "1000", "--seq-len", "64"],
+     "--global-batch-tokens 1000: not a whole number of 64-token sequences"),
+    (["--cluster", "h100-sxm", "--nodes", "0"], "nodes = 0"),
+])
+def test_plan_search_bad_input_is_one_line(tmp_path, args, message):
+    done = stratagem("plan", "search", "--model", "tiny", *args, cwd=tmp_path)
+    assert done.returncode == 2
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
