@@ -10,7 +10,7 @@ that runs micro-batches of b sequences of T tokens: the unit's data-parallel deg
 each rank computes on b T tp / S tokens of a micro-batch. Per unit and micro-batch (`unit_cost`):
 
 - compute: the hardware's forward and backward time for those tokens, divided by tp; a checkpointed
-  unit runs its forward again in backward;
+  unit's backward runs its forward again first;
 - tp: the Megatron split's all-reduces of [tokens, dim] over the tp ranks (one per sublayer in
   forward and one in backward; a MoE's experts all-reduce top_k + shared rows per token; the
   embedding one in forward; the head gathers its float32 logits in forward and all-reduces its
@@ -193,8 +193,8 @@ def unit_cost(hw, work: Workload, unit: Unit, layout: UnitLayout, stage_size: in
     dp = stage_size // tp
     tokens = micro_batch * work.seq_len / dp  # per rank
     row_bytes = _rows_bytes(work, micro_batch, tp, stage_size)
-    fwd, bwd = hw.layer_seconds(unit, tokens)
-    compute = (fwd * (2 if layout.checkpoint else 1) + bwd) / tp
+    fwd, bwd = hw.layer_seconds(unit, tokens, layout.checkpoint)  # a checkpointed backward recomputes
+    compute = (fwd + bwd) / tp
     forwards = 2 if layout.checkpoint else 1
     tp_s = 0.0
     if tp > 1:

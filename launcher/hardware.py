@@ -4,7 +4,7 @@ optimizer step take, and how much memory a device has.
 Two sources, one interface:
 
 - `Analytic`: a `ClusterSpec`'s published figures. Forward time = FLOPs / (peak x efficiency),
-  backward twice the forward (two matmuls per forward one); collectives by the ring formulas of
+  backward twice the forward (two matmuls per forward one), and once more with checkpointing; collectives by the ring formulas of
   `ClusterSpec.collective_seconds`; the optimizer step streams every state byte of its parameters
   twice (read and write) at the device's memory bandwidth.
 - `Measured`: a profile of the devices at hand (`launcher.profile`): fitted per-layer-type times
@@ -52,9 +52,10 @@ class Analytic(_Devices):
     state_bytes_per_param: int = 16
     corrections: dict[str, float] = field(default_factory=dict)
 
-    def layer_seconds(self, unit, tokens: float) -> tuple[float, float]:
+    def layer_seconds(self, unit, tokens: float, checkpoint: bool) -> tuple[float, float]:
+        """(forward, backward) seconds; a checkpointed backward runs the forward again first."""
         forward = unit.flops_per_token * tokens / (self.cluster.device_flops * self.cluster.compute_efficiency)
-        return forward, 2 * forward
+        return forward, (3 if checkpoint else 2) * forward
 
     def collective_seconds(self, kind: str, nbytes: float, group_size: int, stride: int = 1) -> float:
         return self.cluster.collective_seconds(kind, nbytes, group_size, stride)
@@ -74,10 +75,11 @@ class Measured(_Devices):
     def __post_init__(self) -> None:
         self.cluster = self.profile.cluster()
 
-    def layer_seconds(self, unit, tokens: float) -> tuple[float, float]:
+    def layer_seconds(self, unit, tokens: float, checkpoint: bool) -> tuple[float, float]:
+        """As measured; the profile's "head" entry covers the embedding, final norm, head and loss."""
         if unit.kind == "embedding" and unit.key not in self.profile.layer_keys():
-            return 0.0, 0.0  # a lookup: measured within the head's entry when the profile has none of its own
-        return self.profile.layer_seconds(unit.key, tokens, checkpoint=False)
+            return 0.0, 0.0
+        return self.profile.layer_seconds(unit.key, tokens, checkpoint=checkpoint and unit.kind == "layer")
 
     def collective_seconds(self, kind: str, nbytes: float, group_size: int, stride: int = 1) -> float:
         return self.profile.collective_seconds(kind, nbytes, group_size) if group_size > 1 else 0.0
