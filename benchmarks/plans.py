@@ -237,8 +237,7 @@ def slowest(seconds: float) -> float:
 class PlanRun:
     """One plan's model, optimizer and batches on this rank, and what its steps measured."""
 
-    def __init__(self, model: str, plan: Plan):
-        cfg = MODELS[model]
+    def __init__(self, cfg, plan: Plan):
         torch.manual_seed(0)
         self.parallel = parallelize(Transformer(cfg), plan)
         self.optimizer = build_optimizer(self.parallel.state_module, TrainConfig())
@@ -277,10 +276,11 @@ def failure(error: Exception) -> dict:
     return {"error": f"{type(error).__name__}: {error}".splitlines()[0], "traceback": traceback.format_exc()}
 
 
-def rank_main(plans: dict, warmup: int, rounds: int) -> dict:
-    """Set up every plan and run its warm-up steps; then `rounds` rounds of one timed step of each
-    plan in turn; then each plan's memory step. A plan that raises (alike on every rank, as when
-    the runtime refuses it) is recorded and left out of what follows."""
+def rank_main(plans: dict, warmup: int, rounds: int, memory: bool = True) -> dict:
+    """`plans`: name -> (model config, plan). Set up every plan and run its warm-up steps; then
+    `rounds` rounds of one timed step of each plan in turn; then (with `memory`) each plan's memory
+    step. A plan that raises (alike on every rank, as when the runtime refuses it) is recorded and
+    left out of what follows."""
     torch.set_num_threads(1)
     runs, results = {}, {}
 
@@ -295,11 +295,11 @@ def rank_main(plans: dict, warmup: int, rounds: int) -> dict:
         if dist.get_rank() == 0:
             print(message, flush=True)
 
-    for name, (model, plan) in plans.items():
+    for name, (cfg, plan) in plans.items():
         began = time.perf_counter()
 
-        def set_up(name=name, model=model, plan=plan) -> None:
-            runs[name] = PlanRun(model, plan)
+        def set_up(name=name, cfg=cfg, plan=plan) -> None:
+            runs[name] = PlanRun(cfg, plan)
             for _ in range(warmup):
                 runs[name].step(timed=False)
 
@@ -311,6 +311,9 @@ def rank_main(plans: dict, warmup: int, rounds: int) -> dict:
             attempt(name, lambda run=run: run.step(timed=True))
         log(f"round {round_ + 1} of {rounds}: {time.perf_counter() - began:6.1f} s")
     for name, run in list(runs.items()):
+        if not memory:
+            results[name] = {"step_s": run.seconds, "losses": run.losses}
+            continue
         began = time.perf_counter()
         attempt(name, lambda name=name, run=run: results.__setitem__(name, run.memory_step()))
         log(f"memory step: {name:32s} {time.perf_counter() - began:6.1f} s")
@@ -358,7 +361,8 @@ def main() -> None:
     if args.only:
         plans = {name: plans[name] for name in args.only}
     began = time.perf_counter()
-    ranks = run_local(WORLD, rank_main, plans, args.warmup, args.rounds)
+    ranks = run_local(WORLD, rank_main, {name: (MODELS[model], plan) for name, (model, plan) in plans.items()},
+                      args.warmup, args.rounds)
     wall = time.perf_counter() - began
 
     models = {}

@@ -74,6 +74,7 @@ class Measured(_Devices):
 
     def __post_init__(self) -> None:
         self.cluster = self.profile.cluster()
+        self.corrections = {**self.profile.corrections, **self.corrections}
 
     def layer_seconds(self, unit, tokens: float, checkpoint: bool) -> tuple[float, float]:
         """As measured; the profile's "head" entry covers the embedding, final norm, head and loss."""

@@ -271,6 +271,7 @@ class Profile:
     created: str  # ISO time
     wall_seconds: float
     source: str = "profile"  # the file it was read from, for messages
+    corrections: dict[str, float] = dataclasses.field(default_factory=dict)  # cost term -> factor (launcher.calibrate)
 
     def layer_keys(self) -> list[str]:
         """The measured layer types ("mixer/ffn") and "head" (embedding, final norm, head and loss)."""
@@ -353,6 +354,7 @@ class Profile:
             "layers": {key: dataclasses.asdict(entry) for key, entry in self.layers.items()},
             "collectives": {kind: {str(g): dataclasses.asdict(fit) for g, fit in fits.items()}
                             for kind, fits in self.collectives.items()},
+            "corrections": dict(self.corrections),
         }
 
     @classmethod
@@ -364,7 +366,8 @@ class Profile:
                    collectives={kind: {int(g): CollectiveFit.from_dict(fit) for g, fit in fits.items()}
                                 for kind, fits in d["collectives"].items()},
                    memory_available=int(d["memory_available"]), created=str(d["created"]),
-                   wall_seconds=float(d["wall_seconds"]), source=source)
+                   wall_seconds=float(d["wall_seconds"]), source=source,
+                   corrections={str(k): float(v) for k, v in d.get("corrections", {}).items()})
 
     def save(self, path: str | Path) -> None:
         path = Path(path)

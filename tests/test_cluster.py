@@ -200,14 +200,18 @@ BAD_SPECS = [
 ]
 
 
-@pytest.mark.parametrize("text, message", BAD_SPECS)
-def test_every_bad_key_or_value_is_one_line_naming_file_key_and_value(tmp_path, text, message):
-    path = tmp_path / "bad.toml"
+def assert_refused(path, text: str, message: str) -> None:
+    """Loading a spec file holding `text` fails with one line: the file, then `message`."""
     path.write_text(text)
     with pytest.raises(ConfigError) as info:
         load_cluster(path)
     assert str(info.value).startswith(f"{path}: {message}")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("text, message", BAD_SPECS)
+def test_every_bad_key_or_value_is_one_line_naming_file_key_and_value(tmp_path, text, message):
+    assert_refused(tmp_path / "bad.toml", text, message)
 
 
 @pytest.mark.parametrize("text, message", [
@@ -216,12 +220,7 @@ def test_every_bad_key_or_value_is_one_line_naming_file_key_and_value(tmp_path, 
     ('{"nodes": 2, "device_flops": NaN}', "device_flops = nan: expected a number"),
 ])
 def test_bad_json_specs(tmp_path, text, message):
-    path = tmp_path / "bad.json"
-    path.write_text(text)
-    with pytest.raises(ConfigError) as info:
-        load_cluster(path)
-    assert str(info.value).startswith(f"{path}: {message}")
-    assert "\n" not in str(info.value)
+    assert_refused(tmp_path / "bad.json", text, message)
 
 
 def test_missing_files_unknown_names_and_bad_nodes(tmp_path):
