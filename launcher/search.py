@@ -178,6 +178,9 @@ class Frontier:
     transient: np.ndarray
     cons: list
 
+    def __post_init__(self) -> None:
+        self.least = float(self.objective.min())
+
     @classmethod
     def single(cls, objective: float, memory: float, transient: float, cons) -> Frontier:
         return cls(np.array([objective]), np.array([memory]), np.array([transient]), [cons])
@@ -244,10 +247,12 @@ class Planner:
 
     def step(self, unit_index: int, layout: UnitLayout, s: Settings, inflight: float) -> tuple[float, float, float]:
         """What `layout` of a unit adds to a partial assignment: (objective, memory, transient)."""
-        c = self.cost(unit_index, layout, s)
-        k = schedule_factor(s.schedule, s.pp, s.virtual, s.micro_batches)
-        return (k * c.micro_batch_seconds + s.virtual * c.optimizer_seconds,
-                c.state_bytes + inflight * c.activation_bytes, c.transient_bytes)
+        def make():
+            c = self.cost(unit_index, layout, s)
+            k = schedule_factor(s.schedule, s.pp, s.virtual, s.micro_batches)
+            return (k * c.micro_batch_seconds + s.virtual * c.optimizer_seconds,
+                    c.state_bytes + inflight * c.activation_bytes, c.transient_bytes)
+        return self._cached(("step", self.units[unit_index], layout, s, inflight), make)
 
     def moves(self, layer: int, s: Settings, inflight: float) -> list[tuple]:
         """(layout, objective, memory, transient) of every layout of `layer` that no layout of the same
@@ -261,14 +266,18 @@ class Planner:
                             make)
 
     def relayout_objective(self, s: Settings, src_tp: int, dst_tp: int) -> float:
+        if src_tp == dst_tp:
+            return 0.0
         k = schedule_factor(s.schedule, s.pp, s.virtual, s.micro_batches)
-        return k * relayout_seconds(self.hw, self.work, src_tp, dst_tp, self.world // s.pp, s.micro_batch)
+        return self._cached(("relayout", s.pp, s.micro_batch, k, src_tp, dst_tp), lambda: k * relayout_seconds(
+            self.hw, self.work, src_tp, dst_tp, self.world // s.pp, s.micro_batch))
 
     # -- chunks --
 
     def frontiers(self, s: Settings, start: int, tp_in: int, first: bool, stop: int, inflight: float, bound: float):
         """For the chunk from layer `start` (entered at degree `tp_in`; after the embedding when `first`),
-        extended one layer at a time up to `stop`: yields (end, {last tp: frontier}) for every end.
+        extended one layer at a time up to `stop`: yields (end, {last tp: frontier}, the row's identity)
+        for every end.
         Partial assignments that cannot fit or cannot beat `bound` are dropped. Computed rows are kept:
         they depend on the layer types only (so on `start` modulo the period), and bounds only fall."""
         k = schedule_factor(s.schedule, s.pp, s.virtual, s.micro_batches)
@@ -279,7 +288,7 @@ class Planner:
             if end - start > len(rows):
                 previous = rows[-1] if rows else self._begin(s, tp_in, first, inflight)
                 rows.append(self._grow(previous, end - 1, s, inflight, bound))
-            yield end, rows[end - start - 1]
+            yield end, rows[end - start - 1], (key, end - start)
 
     def _begin(self, s: Settings, tp_in: int, first: bool, inflight: float) -> dict[int, Frontier]:
         if not first:
@@ -311,23 +320,26 @@ class Planner:
             grown[tp] = Frontier(o[kept], m[kept], t[kept], cons)
         return grown
 
-    def close(self, f: Frontier, last: bool, tp: int, s: Settings, inflight: float) -> Frontier:
-        """A chunk's end: the head (last chunk, after its relayout) or the send to the next chunk."""
-        if last:
-            objective, memory, transient = self.step(len(self.units) - 1, s.ends, s, inflight)
-            objective += self.relayout_objective(s, tp, s.ends.tp)
-            return Frontier(f.objective + objective, f.memory + memory, np.maximum(f.transient, transient),
-                            [(s.ends, cons) for cons in f.cons])
-        k = schedule_factor(s.schedule, s.pp, s.virtual, s.micro_batches)
-        send = k * p2p_seconds(self.hw, self.work, tp, self.world // s.pp, s.micro_batch)
-        return Frontier(f.objective + send, f.memory, f.transient, f.cons)
+    def closing(self, last: bool, tp: int, s: Settings, inflight: float) -> tuple[float, float, float, UnitLayout | None]:
+        """What a chunk's end adds, (objective, memory, transient, the head's layout or None): the head
+        after its relayout (last chunk), or the send of the activations to the next chunk."""
+        def make():
+            if last:
+                objective, memory, transient = self.step(len(self.units) - 1, s.ends, s, inflight)
+                return objective + self.relayout_objective(s, tp, s.ends.tp), memory, transient, s.ends
+            k = schedule_factor(s.schedule, s.pp, s.virtual, s.micro_batches)
+            return k * p2p_seconds(self.hw, self.work, tp, self.world // s.pp, s.micro_batch), 0.0, 0.0, None
+        return self._cached(("closing", last, tp, s, inflight), make)
 
     def best_in_chunk(self, f: Frontier, last: bool, tp: int, s: Settings, inflight: float) -> tuple | None:
         """The chunk's fastest complete assignment that fits in its share of a device: (objective, cons)."""
-        done = self.close(f, last, tp, s, inflight)
-        objective = np.where(done.memory + done.transient <= self.hw.memory / s.virtual, done.objective, np.inf)
-        i = int(np.argmin(objective))
-        return (float(objective[i]), done.cons[i]) if objective[i] < np.inf else None
+        objective, memory, transient, head = self.closing(last, tp, s, inflight)
+        fits = f.memory + memory + np.maximum(f.transient, transient) <= self.hw.memory / s.virtual
+        done = np.where(fits, f.objective + objective, np.inf)
+        i = int(done.argmin())
+        if done[i] == np.inf:
+            return None
+        return float(done[i]), (head, f.cons[i]) if head is not None else f.cons[i]
 
     # -- stage boundaries --
 
@@ -345,13 +357,16 @@ class Planner:
                 if worst >= bound:
                     continue
                 stop = n - (chunks - c - 1)  # the chunks after this one need a layer each
-                for end, states in self.frontiers(s, start, tp_in, c == 0, stop, inflight, bound):
+                for end, states, row in self.frontiers(s, start, tp_in, c == 0, stop, inflight, bound):
                     if not states:
                         break  # nothing longer can fit or beat the bound either
                     if last and end != n:
                         continue
                     for tp, frontier in states.items():
-                        best = self.best_in_chunk(frontier, last, tp, s, inflight)
+                        if max(worst, frontier.least) >= min(bound, nxt.get((end, tp), (math.inf,))[0]):
+                            continue  # cannot improve on what reaches (end, tp) already
+                        best = self._cached(("best", row, tp, last and s.ends),  # the head's layout if last
+                                            lambda: self.best_in_chunk(frontier, last, tp, s, inflight))
                         if best is None:
                             continue
                         value = max(worst, best[0])
@@ -367,9 +382,17 @@ class Planner:
         whose memory (state and activations at the fewest in-flight micro-batches; relayouts and
         transients dropped) fits in all chunks' shares together. That knapsack is bounded by its
         Lagrangian relaxation: for any lam >= 0, sum of min(objective + lam memory) - lam capacity."""
+        return self._cached(("bound", s), lambda: self._lower_bound(s))
+
+    def _lower_bound(self, s: Settings) -> float:
         inflight = min(in_flight(s.schedule, s.pp, s.virtual, s.micro_batches, r) for r in range(s.pp))
-        per_spec = {spec: np.array([self.step(self.specs.index(spec) + 1, o, s, inflight)[:2]
-                                    for o in self.options(self.specs.index(spec), s)]) for spec in set(self.specs)}
+        k = schedule_factor(s.schedule, s.pp, s.virtual, s.micro_batches)
+        def costs(spec) -> np.ndarray:  # (objective, memory) of every option of a layer of type spec
+            i = self.specs.index(spec)
+            return np.array([self.step(i + 1, o, s, inflight)[:2] for o in self.options(i, s)])
+
+        per_spec = {spec: self._cached(("bound costs", spec, s.pp, s.micro_batch, k, s.virtual, inflight),
+                                       lambda spec=spec: costs(spec)) for spec in set(self.specs)}
         counts = {spec: self.specs.count(spec) for spec in per_spec}
         ends = [self.step(u, s.ends, s, inflight)[:2] for u in (0, len(self.units) - 1)]
         capacity = s.pp * self.hw.memory - sum(m for _, m in ends)
@@ -412,17 +435,21 @@ class Planner:
     def uniform(self, s: Settings, bound: float = math.inf):
         """The best plan with one layout for every layer (even stages), as `partition` reports it."""
         stages = even_stages(len(self.specs), s.chunks)
+        by_spec = {spec: set(self.options(self.specs.index(spec), s)) for spec in set(self.specs)}
         best = None
-        for layout in {o for i in range(len(self.specs)) for o in self.options(i, s)}:
-            per_layer = [_uniform_layout(layout, self.specs[i], self.options(i, s)) for i in range(len(self.specs))]
-            if None in per_layer:
+        for layout in set().union(*by_spec.values()):
+            per_spec = {spec: _uniform_layout(layout, spec, options) for spec, options in by_spec.items()}
+            if None in per_spec.values():
                 continue
-            path = [self.chunk_of(s, c, per_layer, start, end) for c, (start, end) in enumerate(stages)]
-            if None in path:
-                continue
-            worst = max(p[0] for p in path)
-            if worst < bound and (best is None or worst < best[0]):
-                best = (worst, path)
+            per_layer = [per_spec[spec] for spec in self.specs]
+            path = []
+            for c, (start, end) in enumerate(stages):
+                chunk = self.chunk_of(s, c, per_layer, start, end)
+                if chunk is None or chunk[0] >= min(bound, best[0] if best else math.inf):
+                    break
+                path.append(chunk)
+            else:
+                best = (max(p[0] for p in path), path)
         return best
 
     def chunk_of(self, s: Settings, c: int, per_layer: list[UnitLayout], start: int, end: int) -> tuple | None:
@@ -487,8 +514,10 @@ def plan_search(hw, work: Workload, model_cfg, world: int, space: Space = Space(
     found = planner.search(work.global_batch, bound=bound) or uniform
     if found is None:
         raise ConfigError(_infeasible(planner, work))
-    plan, _, visited = found
+    plan, value, visited = found
     prediction = predict(hw, work, plan)
+    if not math.isclose(value, prediction.step_seconds, rel_tol=1e-9):
+        raise AssertionError(f"the search scored its plan {value} s, the cost model {prediction.step_seconds} s")
     plan.predicted = Predicted(step_time_s=prediction.step_seconds, peak_memory_bytes=int(max(prediction.memory_per_rank)),
                                stage_peak_memory_bytes=[int(b) for b in prediction.memory_per_rank])
     return SearchResult(plan=plan, prediction=prediction, uniform_plan=uniform[0] if uniform else None,

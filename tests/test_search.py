@@ -66,6 +66,8 @@ INSTANCES = {
                                       Space(dp_kinds=("zero2",), tps=(1,), schedules=("1f1b", "interleaved_1f1b"))),
     "moe-4-ranks-expert-degrees": (small("tiny-moe", n_layers=2, n_kv_heads=4), 4, 4, 32, 1.9e6,
                                    Space(checkpoints=(False,))),
+    "big-vocab-head-layouts": (small("tiny", n_layers=4, n_kv_heads=4, vocab_size=8192, tie_embeddings=False), 4, 8,
+                               64, 1.2e7, Space(dp_kinds=("ddp", "fsdp"), tps=(1,), checkpoints=(False,))),
     "moe-8-ranks-2-nodes": (small("tiny-hybrid-moe", n_layers=4, n_kv_heads=4), 8, 8, 32, 4e6,
                             Space(dp_kinds=("fsdp",), checkpoints=(False,), schedules=("1f1b", "zero_bubble"))),
 }
@@ -86,6 +88,18 @@ def test_search_finds_the_brute_force_optimum(name):
     # the memory limit binds on these instances: without it the optimum is faster
     roomy = hardware(1e12, devices_per_node=4 if world == 8 else 8, nodes=2 if world == 8 else 1)
     assert plan_search(roomy, work, cfg, world, space).prediction.step_seconds < want
+
+
+@pytest.mark.parametrize("memory", [8e6, 1.5e7, 1e9])
+def test_a_larger_search_scores_its_plan_as_the_cost_model_does(memory):
+    """Beyond brute force: 16 layers on 8 ranks over 2 nodes, memory binding or not. plan_search
+    raises if the score it searched by differs from `predict` of the plan it returns."""
+    cfg = small("tiny-hybrid-moe", n_layers=16, n_kv_heads=4)
+    hw = hardware(memory, devices_per_node=4, nodes=2)
+    result = plan_search(hw, Workload.of(cfg, 64, 16), cfg, 8)
+    check_plan(result.plan, cfg, world=8)
+    assert result.prediction.fits and result.uniform_prediction.fits
+    assert result.prediction.step_seconds <= result.uniform_prediction.step_seconds
 
 
 def test_uniform_plan_is_never_faster_and_is_uniform():
