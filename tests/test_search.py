@@ -158,3 +158,21 @@ def test_plan_search_bad_input_is_one_line(tmp_path, args, message):
     done = stratagem("plan", "search", "--model", "tiny", *args, cwd=tmp_path)
     assert done.returncode == 2
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_cached_rows_and_chunk_results_never_leak_between_settings():
+    """Every pipeline setting costed by one planner (whose caches hold the others' rows and chunk
+    results) gives what a fresh planner gives for that setting alone."""
+    cfg = small("tiny", n_layers=6, n_kv_heads=4, vocab_size=4096, tie_embeddings=False)
+    hw, work = hardware(1.2e7), Workload.of(cfg, 64, 8)
+    space = Space(dp_kinds=("ddp", "fsdp"), tps=(1, 2), checkpoints=(False, True))
+    shared = Planner(hw, work, cfg, 4, space)
+    settings = [s for s in pipeline_settings(cfg, 4, 8, hw.max_tp, space)
+                if all(shared.options(i, s) for i in range(cfg.n_layers))]
+    assert len({s.ends for s in settings}) > 1 and any(s.pp > 1 for s in settings)
+    together = [shared.partition(s) for s in settings]
+    for s, found in zip(settings, together):
+        alone = Planner(hw, work, cfg, 4, space).partition(s)
+        assert (found is None) == (alone is None), s
+        if found is not None:
+            assert found[0] == pytest.approx(alone[0], rel=1e-12), s
