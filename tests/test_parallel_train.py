@@ -64,6 +64,8 @@ def under_plan_a(rank: int, world: int, run_dir: str) -> None:
 def under_plan_b(rank: int, world: int, run_dir: str) -> None:
     config = config_for(run_dir, "resharded")
     train(config, plan=plan_b(config), resume=True)
+    pipelined = config_for(run_dir, "pipelined")
+    train(pipelined, plan=plan_b(pipelined), stop_after=3)
 
 
 def losses(run_dir) -> list[tuple[int, float, float | None]]:
@@ -93,7 +95,8 @@ def resharded_runs(tmp_root) -> dict:
     one = config_for(tmp_root, "one")
     train(one, resume=True)
     train(config_for(tmp_root, "moe-ep-one", MOE), resume=True)
-    return {name: tmp_root / name for name in ("a", "resharded", "one", "moe-ep", "moe-ep-one")}
+    train(config_for(tmp_root, "pipelined"), resume=True)
+    return {name: tmp_root / name for name in ("a", "resharded", "one", "moe-ep", "moe-ep-one", "pipelined")}
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +118,14 @@ def test_a_checkpoint_of_a_plan_resumes_on_one_process(runs):
     assert_close(losses(runs["one"]), losses(runs["a"]))
     config = config_for(runs["a"].parent, "a")
     assert_weights_close(trained_weights(runs["one"], config), trained_weights(runs["a"], config))
+
+
+def test_a_pipelined_checkpoint_resumes_on_one_process(runs):
+    """Each pipeline rank saves only its stage's parameters and their optimizer state: the
+    checkpoint must still hold all of it, hyperparameters included (`train.checkpoint`)."""
+    assert_close(losses(runs["pipelined"]), losses(runs["a"]))
+    config = config_for(runs["a"].parent, "a")
+    assert_weights_close(trained_weights(runs["pipelined"], config), trained_weights(runs["a"], config))
 
 
 def test_an_expert_parallel_checkpoint_resumes_on_one_process(runs):

@@ -5,6 +5,10 @@ data-loader position, RNG state) and `meta.json` (step, resolved config). A chec
 into `step-N.partial/` and renamed to `step-N/` only when complete, so a crash mid-save never
 leaves a directory that looks complete; `*.partial` directories are ignored when resuming.
 DCP stores tensors by fully-qualified name, so loading does not depend on the layout that saved.
+The optimizer's state is flattened to per-parameter keys, its hyperparameters included
+(``param_groups.<name>.lr``): a pipeline rank holds only its stage's parameters, and DCP keeps one
+copy of a key that every rank writes, so an unflattened ``param_groups`` list would keep one
+rank's parameter names and lose the others'. Format 1 (unflattened) is refused by version.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from stratagem.errors import CheckpointError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -85,7 +90,7 @@ class Checkpointer:
                 shutil.rmtree(partial)
             partial.mkdir(parents=True)
         _barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
         payload = {"model": model_sd, "optim": optim_sd, "step": state.step, "loader": state.loader,
                    "scheduler": state.scheduler, "rng": torch.get_rng_state()}
         with _single_process_quietly():
@@ -106,7 +111,7 @@ class Checkpointer:
         loader and scheduler states (their current `state_dict()`s).
         """
         meta = self.read_meta(path)
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
         payload = {"model": model_sd, "optim": optim_sd, "step": template.step, "loader": template.loader,
                    "scheduler": template.scheduler, "rng": torch.get_rng_state()}
         try:
@@ -118,7 +123,8 @@ class Checkpointer:
         if payload["step"] != meta["step"]:
             raise CheckpointError(f"{path}: corrupt checkpoint, meta.json says step {meta['step']} "
                                   f"but the saved state is at step {payload['step']}")
-        set_state_dict(model, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optim"])
+        set_state_dict(model, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optim"],
+                       options=OPTIONS)
         torch.set_rng_state(payload["rng"])
         return TrainState(step=payload["step"], loader=payload["loader"], scheduler=payload["scheduler"])
 
