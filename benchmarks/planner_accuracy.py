@@ -4,7 +4,7 @@ The model is the tiny hybrid MoE (Gated DeltaNet + attention, MoE feed-forwards)
 4 KV heads; the workload is `plans.py`'s (4 micro-batches of 8 x 64 tokens per step, float32
 AdamW). The plans are every uniform plan of pipeline degree 1, 2 or 4 (1F1B), tensor degree 1, 2
 or 4, dp kind ddp or fsdp, checkpointing none or full, and expert degree 1 or 2, that the plan
-rules allow. This machine is profiled first (`stratagem profile`, cached), every plan is measured
+rules allow, and six plans that vary the layout by layer (`MIXES`). This machine is profiled first (`stratagem profile`, cached), every plan is measured
 as `plans.py` measures it (median of rounds, one step of each plan per round), and each is
 predicted by the cost model from the profile. Reported, before and after calibration
 (`launcher.calibrate`: per-term factors; after = 4-fold cross-validation, each plan predicted with
@@ -26,13 +26,13 @@ import json
 import statistics
 from pathlib import Path
 
-from stratagem.launcher.calibrate import corrected_seconds, fit_corrections
+from stratagem.launcher.calibrate import corrected_seconds, fit_corrections, step_terms
 from stratagem.launcher.cost import Workload, predict
 from stratagem.launcher.hardware import Measured
 from stratagem.launcher.local import run_local
 from stratagem.launcher.profile import ensure_profile
 from stratagem.model import get_flavor
-from stratagem.parallel.plan import check_plan, summary, uniform_plan
+from stratagem.parallel.plan import LayerLayout, check_plan, summary, uniform_plan
 from stratagem.errors import StratagemError
 
 import plans as measured_plans  # benchmarks/plans.py: the ranks' measurement
@@ -44,8 +44,13 @@ MICRO_BATCH, MICRO_BATCHES = measured_plans.MICRO_BATCH, measured_plans.MICRO_BA
 
 
 def enumerated() -> dict:
+    """Every uniform plan the rules allow (ddp and fsdp only where they differ: dp degree > 1), then
+    per-layer mixes: tensor degrees, dp kinds, checkpointing and expert degrees varying by layer, and
+    stages split unevenly."""
     out = {}
     for pp, tp, dp, checkpoint, ep in itertools.product((1, 2, 4), (1, 2, 4), ("ddp", "fsdp"), ("none", "full"), (1, 2)):
+        if dp == "fsdp" and pp * tp == WORLD:
+            continue  # one rank per data-parallel group: the same plan as ddp
         try:
             plan = uniform_plan(MODEL, WORLD, tp=tp, pp=pp, dp=dp, checkpoint=checkpoint, ep=ep,
                                 micro_batch_size=MICRO_BATCH, num_micro_batches=MICRO_BATCHES)
@@ -53,7 +58,24 @@ def enumerated() -> dict:
         except StratagemError:
             continue
         out[f"pp{pp}-tp{tp}-{dp}-{checkpoint}-ep{ep}"] = plan
+    for name, (pp, layers, stages) in MIXES.items():
+        plan = uniform_plan(MODEL, WORLD, pp=pp, micro_batch_size=MICRO_BATCH, num_micro_batches=MICRO_BATCHES)
+        plan.layers = [LayerLayout(tp=tp, dp=dp, checkpoint=ckpt, ep=ep) for tp, dp, ckpt, ep in layers]
+        plan.pipeline.stages = stages or plan.pipeline.stages
+        check_plan(plan, MODEL, world=WORLD)
+        out[name] = plan
     return out
+
+
+# name -> (pipeline degree, per layer (tp, dp kind, checkpointing, ep), stages or None for even ones)
+MIXES = {
+    "mix-pp1-tp-1-2-1-2": (1, [(1, "ddp", "none", 1), (2, "ddp", "none", 1)] * 2, None),
+    "mix-pp1-fsdp-then-ddp": (1, [(1, "fsdp", "none", 1)] * 2 + [(1, "ddp", "none", 1)] * 2, None),
+    "mix-pp1-checkpoint-half": (1, [(1, "ddp", "full", 1), (1, "ddp", "none", 1)] * 2, None),
+    "mix-pp1-ep2-on-deltanet": (1, [(1, "fsdp", "none", 2), (1, "fsdp", "none", 1)] * 2, None),
+    "mix-pp2-tp2-then-tp1": (2, [(2, "ddp", "none", 1)] * 2 + [(1, "fsdp", "none", 1)] * 2, None),
+    "mix-pp2-uneven-1-3": (2, [(1, "ddp", "none", 1)] * 4, [(0, 1), (1, 4)]),
+}
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
@@ -86,8 +108,8 @@ def cross_validated(names: list[str], predictions: dict, measured: dict, folds: 
     for k in range(folds):
         test = names[k::folds]
         train = [n for n in names if n not in test]
-        factors = fit_corrections([predictions[n] for n in train], [measured[n] for n in train])
-        out.update({n: corrected_seconds(predictions[n], factors) for n in test})
+        factors = fit_corrections([step_terms(predictions[n]) for n in train], [measured[n] for n in train])
+        out.update({n: corrected_seconds(step_terms(predictions[n]), factors) for n in test})
     return out
 
 
@@ -127,7 +149,7 @@ def main() -> None:
     predictions = {n: predict(hw, work, cases[n]) for n in names}
     before = {n: predictions[n].step_seconds for n in names}
     after = cross_validated(names, predictions, measured)
-    factors = fit_corrections([predictions[n] for n in names], [measured[n] for n in names])
+    factors = fit_corrections([step_terms(predictions[n]) for n in names], [measured[n] for n in names])
     profile.corrections = factors
     profile.save(profile.source)
     rows = {n: ({"error": times[n]} if n not in measured else {

@@ -82,10 +82,16 @@ def ring_terms(kind: str, group_size: int) -> tuple[float, int]:
     return (n - 1) / n, n - 1
 
 
+def collective_parts(kind: str, nbytes: float, group_size: int, link: Link) -> tuple[float, float]:
+    """(latency, transfer) seconds of one collective over `link` by the ring formulas (`ring_terms`):
+    what its message steps cost whatever their size, and what moving its bytes costs."""
+    volume, steps = ring_terms(kind, group_size)
+    return steps * link.latency, volume * nbytes / link.bandwidth
+
+
 def collective_seconds(kind: str, nbytes: float, group_size: int, link: Link) -> float:
     """Time of one collective over `link` by the ring formulas (`ring_terms`)."""
-    volume, steps = ring_terms(kind, group_size)
-    return volume * nbytes / link.bandwidth + steps * link.latency
+    return sum(collective_parts(kind, nbytes, group_size, link))
 
 
 @dataclass(frozen=True)
@@ -137,8 +143,12 @@ class ClusterSpec:
         all_to_all total per rank; send_recv = bytes sent. Ring formulas: all_reduce 2(n-1)/n*B/bw + 2(n-1)*lat;
         all_gather and reduce_scatter (n-1)/n*B/bw + (n-1)*lat; all_to_all (n-1)/n*B/bw + (n-1)*lat;
         send_recv B/bw + lat; group_size 1 -> 0.0"""
+        return sum(self.collective_parts(kind, nbytes, group_size, stride))
+
+    def collective_parts(self, kind: str, nbytes: float, group_size: int, stride: int = 1) -> tuple[float, float]:
+        """`collective_seconds` as (latency, transfer) seconds."""
         link = self.intra_node if group_size == 1 else self.link(group_size, stride)  # unused at 1: no terms
-        return collective_seconds(kind, nbytes, group_size, link)
+        return collective_parts(kind, nbytes, group_size, link)
 
 
 # ---------------------------------------------------------------------------------------------

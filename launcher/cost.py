@@ -10,12 +10,14 @@ that runs micro-batches of b sequences of T tokens: the unit's data-parallel deg
 each rank computes on b T tp / S tokens of a micro-batch. Per unit and micro-batch (`unit_cost`):
 
 - compute: the hardware's forward and backward time for those tokens, divided by tp; a checkpointed
-  unit's backward runs its forward again first;
+  unit's backward runs its forward again first, kept apart as recompute;
 - tp: the Megatron split's all-reduces of [tokens, dim] over the tp ranks (one per sublayer in
   forward and one in backward; a MoE's experts all-reduce top_k + shared rows per token; the
   embedding one in forward; the head gathers its float32 logits in forward and all-reduces its
   input's gradient in backward), repeated with a checkpointed forward;
-- ep: dispatch and combine all-to-alls of top_k rows per token in forward and in backward;
+- ep: dispatch and combine all-to-alls of top_k rows per token in forward and in backward, and
+  with more than one dp rank, in every forward, the all-reduce of the experts' token counts over
+  the dp group (for load balancing) and their all-to-all over the ep group;
 - dp: this runtime reduces gradients after every micro-batch's backward (no accumulation without
   sync): ddp all-reduces the gradients, zero2 all-gathers the parameters once per forward and
   reduce-scatters the gradients, fsdp all-gathers in forward and again in backward. Expert weights
@@ -27,6 +29,11 @@ each rank computes on b T tp / S tokens of a micro-batch. Per unit and micro-bat
   `parallel.relayout` (forward into the larger degree, backward into the smaller);
 - p2p: the last unit of a pipeline chunk sends its activations forward and receives their
   gradient back.
+
+Every collective term is kept in two parts, transfer (bytes over bandwidth, named as the term) and
+latency (``<term>_latency``: message steps times the per-step latency), because a real step pays
+far more per message than a micro-benchmark of the collective alone (hooks, dispatch and ranks
+waiting for each other at every call) and calibration has to be able to correct the two apart.
 
 Memory per rank of a unit: model states by dp kind, with weight, gradient and optimizer bytes per
 parameter (`StateBytes`; 4 + 4 + 8 in this runtime's float32 AdamW, 2 + 2 + 12 for the
@@ -53,7 +60,10 @@ from dataclasses import dataclass, field
 
 from stratagem.model.counts import LayerCounts, ModelCounts, count_model
 
-TERMS = ("compute", "tp", "ep", "dp", "relayout", "p2p", "optimizer")
+COLLECTIVE_TERMS = ("tp", "ep", "dp", "relayout", "p2p")
+# A collective term is split in two: its transfer (named as the term) and its latency ("<term>_latency",
+# the per-message cost), so that calibration can correct them apart.
+TERMS = ("compute", "recompute", *(t + part for t in COLLECTIVE_TERMS for part in ("", "_latency")), "optimizer")
 BUBBLE_FACTOR = {"gpipe": 1.0, "1f1b": 1.0, "interleaved_1f1b": 1.0, "zero_bubble": 1 / 3}
 
 
@@ -83,6 +93,7 @@ class Workload:
     vocab_size: int
     top_k: int  # routed experts per token (0 without MoE)
     shared_experts: int
+    num_experts: int
     seq_len: int
     global_batch: int  # sequences per optimizer step
     state: StateBytes = FP32_ADAM
@@ -95,7 +106,8 @@ class Workload:
         uses_moe = any(spec.ffn == "moe" for spec in model_cfg.layer_specs())
         return cls(counts=count_model(model_cfg, seq_len, activation_bytes), dim=model_cfg.dim,
                    vocab_size=model_cfg.vocab_size, top_k=moe.top_k if uses_moe else 0,
-                   shared_experts=moe.num_shared_experts if uses_moe else 0, seq_len=seq_len,
+                   shared_experts=moe.num_shared_experts if uses_moe else 0,
+                   num_experts=moe.num_experts if uses_moe else 0, seq_len=seq_len,
                    global_batch=global_batch, state=state, activation_bytes=activation_bytes)
 
     @property
@@ -158,15 +170,25 @@ class UnitCost:
         return sum(self.seconds.values())
 
 
-def _dp_seconds(hw, kind: str, params: float, dp: int, stride: int, state: StateBytes) -> float:
+def _collectives(hw, term: str, calls) -> dict[str, float]:
+    """`term`'s seconds from `calls`, each (count, kind, nbytes, group_size, stride): its transfer as
+    `term` and its latency as `term`_latency."""
+    latency = transfer = 0.0
+    for count, kind, nbytes, group_size, stride in calls:
+        lat, xfer = hw.collective_parts(kind, nbytes, group_size, stride)
+        latency, transfer = latency + count * lat, transfer + count * xfer
+    return {term: transfer, f"{term}_latency": latency}
+
+
+def _dp_calls(kind: str, params: float, dp: int, stride: int, state: StateBytes) -> list[tuple]:
     """A unit's data-parallel collectives per micro-batch for `params` local parameters over `dp` ranks."""
     if dp == 1 or params == 0:
-        return 0.0
+        return []
     if kind == "ddp":
-        return hw.collective_seconds("all_reduce", params * state.grad, dp, stride)
+        return [(1, "all_reduce", params * state.grad, dp, stride)]
     gathers = 2 if kind == "fsdp" else 1
-    return (gathers * hw.collective_seconds("all_gather", params * state.weight, dp, stride)
-            + hw.collective_seconds("reduce_scatter", params * state.grad, dp, stride))
+    return [(gathers, "all_gather", params * state.weight, dp, stride),
+            (1, "reduce_scatter", params * state.grad, dp, stride)]
 
 
 def _state_bytes(kind: str, params: float, dp: int, state: StateBytes) -> float:
@@ -194,22 +216,25 @@ def unit_cost(hw, work: Workload, unit: Unit, layout: UnitLayout, stage_size: in
     tokens = micro_batch * work.seq_len / dp  # per rank
     row_bytes = _rows_bytes(work, micro_batch, tp, stage_size)
     fwd, bwd = hw.layer_seconds(unit, tokens, layout.checkpoint)  # a checkpointed backward recomputes
-    compute = (fwd + bwd) / tp
+    recompute = min(fwd, bwd) / tp if layout.checkpoint else 0.0  # the forward again, inside the backward
+    compute = (fwd + bwd) / tp - recompute
     forwards = 2 if layout.checkpoint else 1
-    tp_s = 0.0
+    tp_calls = []
     if tp > 1:
         f_rows, b_rows = _tp_all_reduces(unit, work)
-        tp_s = (forwards * f_rows + b_rows) * hw.collective_seconds("all_reduce", row_bytes, tp, 1)
+        tp_calls.append((forwards * f_rows + b_rows, "all_reduce", row_bytes, tp, 1))
         if unit.kind == "head":  # the logits, gathered in float32 over the vocabulary
-            tp_s += forwards * hw.collective_seconds("all_gather", tokens * work.vocab_size * 4, tp, 1)
-    ep_s = 0.0
-    if ep > 1:
-        ep_s = 2 * (forwards + 1) * hw.collective_seconds("all_to_all", row_bytes * work.top_k, ep, tp)
+            tp_calls.append((forwards, "all_gather", tokens * work.vocab_size * 4, tp, 1))
+    ep_calls = [(2 * (forwards + 1), "all_to_all", row_bytes * work.top_k, ep, tp)] if ep > 1 else []
+    if unit.ffn == "moe" and dp > 1:  # every forward: the experts' token counts, summed over the dp group
+        counts = work.num_experts * 8
+        ep_calls += [(forwards, "all_reduce", counts, dp, tp), (forwards, "all_to_all", counts, ep, tp)]
     dense = (unit.params - unit.expert_params) / tp
     experts = unit.expert_params / (tp * ep)
-    dp_s = (_dp_seconds(hw, layout.dp, dense, dp, tp, state)
-            + _dp_seconds(hw, layout.dp, experts, dp // ep, tp * ep, state))
-    exposed = dp_s - hw.dp_overlap * min(dp_s, compute)
+    dp_terms = _collectives(hw, "dp", _dp_calls(layout.dp, dense, dp, tp, state)
+                            + _dp_calls(layout.dp, experts, dp // ep, tp * ep, state))
+    dp_s = sum(dp_terms.values())
+    exposed = 1 - hw.dp_overlap * min(dp_s, compute + recompute) / dp_s if dp_s else 0.0
     ddp = layout.dp == "ddp"  # the optimizer updates what the rank keeps of the states
     optimizer = hw.optimizer_seconds(dense / (1 if ddp else dp) + experts / (1 if ddp else dp // ep))
     replicated = unit.replicated_bytes_per_token
@@ -217,7 +242,8 @@ def unit_cost(hw, work: Workload, unit: Unit, layout: UnitLayout, stage_size: in
     kept = tokens * unit.input_bytes_per_token if layout.checkpoint else full
     gathered = 2 * (dense + experts) * state.weight if layout.dp == "fsdp" and dp > 1 else 0.0
     return UnitCost(
-        seconds=hw.corrected({"compute": compute, "tp": tp_s, "ep": ep_s, "dp": exposed}),
+        seconds=hw.corrected({"compute": compute, "recompute": recompute, **_collectives(hw, "tp", tp_calls),
+                              **_collectives(hw, "ep", ep_calls), **{t: exposed * x for t, x in dp_terms.items()}}),
         optimizer_seconds=hw.corrected({"optimizer": optimizer})["optimizer"],
         state_bytes=_state_bytes(layout.dp, dense, dp, state) + _state_bytes(layout.dp, experts, dp // ep, state),
         activation_bytes=kept,
@@ -225,18 +251,20 @@ def unit_cost(hw, work: Workload, unit: Unit, layout: UnitLayout, stage_size: in
     )
 
 
-def relayout_seconds(hw, work: Workload, src_tp: int, dst_tp: int, stage_size: int, micro_batch: int) -> float:
+def relayout_terms(hw, work: Workload, src_tp: int, dst_tp: int, stage_size: int, micro_batch: int) -> dict[str, float]:
     """Moving a micro-batch's activations from tensor degree `src_tp` to `dst_tp` and the gradient back
     (`parallel.relayout`: slice to g = gcd, all-gather up to dst in forward; the reverse in backward)."""
-    if src_tp == dst_tp:
-        return 0.0
     g = math.gcd(src_tp, dst_tp)
-    seconds = 0.0
+    calls = []
     if dst_tp > g:  # forward gathers the rows of dst's larger slice
-        seconds += hw.collective_seconds("all_gather", _rows_bytes(work, micro_batch, dst_tp, stage_size), dst_tp // g, g)
+        calls.append((1, "all_gather", _rows_bytes(work, micro_batch, dst_tp, stage_size), dst_tp // g, g))
     if src_tp > g:  # backward gathers the gradient of src's rows
-        seconds += hw.collective_seconds("all_gather", _rows_bytes(work, micro_batch, src_tp, stage_size), src_tp // g, g)
-    return hw.corrected({"relayout": seconds})["relayout"]
+        calls.append((1, "all_gather", _rows_bytes(work, micro_batch, src_tp, stage_size), src_tp // g, g))
+    return hw.corrected(_collectives(hw, "relayout", calls))
+
+
+def relayout_seconds(hw, work: Workload, src_tp: int, dst_tp: int, stage_size: int, micro_batch: int) -> float:
+    return sum(relayout_terms(hw, work, src_tp, dst_tp, stage_size, micro_batch).values()) if src_tp != dst_tp else 0.0
 
 
 def _rows_bytes(work: Workload, micro_batch: int, tp: int, stage_size: int) -> float:
@@ -244,10 +272,14 @@ def _rows_bytes(work: Workload, micro_batch: int, tp: int, stage_size: int) -> f
     return micro_batch * work.seq_len * tp / stage_size * work.dim * work.activation_bytes
 
 
-def p2p_seconds(hw, work: Workload, tp: int, stage_size: int, micro_batch: int) -> float:
+def p2p_terms(hw, work: Workload, tp: int, stage_size: int, micro_batch: int) -> dict[str, float]:
     """A chunk boundary: this rank's activation rows sent forward and their gradient received back."""
     nbytes = _rows_bytes(work, micro_batch, tp, stage_size)
-    return hw.corrected({"p2p": 2 * hw.collective_seconds("send_recv", nbytes, 2, stage_size)})["p2p"]
+    return hw.corrected(_collectives(hw, "p2p", [(2, "send_recv", nbytes, 2, stage_size)]))
+
+
+def p2p_seconds(hw, work: Workload, tp: int, stage_size: int, micro_batch: int) -> float:
+    return sum(p2p_terms(hw, work, tp, stage_size, micro_batch).values())
 
 
 def in_flight(schedule: str, pp: int, virtual: int, micro_batches: int, pp_rank: int) -> float:
@@ -283,9 +315,12 @@ class ChunkCost:
     def memory(self, inflight: float) -> float:
         return self.state_bytes + inflight * self.activation_bytes + self.transient_bytes
 
+    def add_seconds(self, seconds: dict[str, float]) -> None:
+        for term, value in seconds.items():
+            self.seconds[term] += value
+
     def add(self, cost: UnitCost) -> None:
-        for term, seconds in cost.seconds.items():
-            self.seconds[term] += seconds
+        self.add_seconds(cost.seconds)
         self.seconds["optimizer"] += cost.optimizer_seconds
         self.state_bytes += cost.state_bytes
         self.activation_bytes += cost.activation_bytes
@@ -316,10 +351,10 @@ def chunk_costs(hw, work: Workload, plan) -> list[ChunkCost]:
         for u in span:
             layout = layouts[u]
             chunk.add(unit_cost(hw, work, all_units[u], layout, size, micro))
-            chunk.seconds["relayout"] += relayout_seconds(hw, work, previous, layout.tp, size, micro)
+            chunk.add_seconds(relayout_terms(hw, work, previous, layout.tp, size, micro))
             previous = layout.tp
         if not last:
-            chunk.seconds["p2p"] += p2p_seconds(hw, work, previous, size, micro)
+            chunk.add_seconds(p2p_terms(hw, work, previous, size, micro))
         chunks.append(chunk)
     return chunks
 

@@ -10,7 +10,8 @@ Two sources, one interface:
 - `Measured`: a profile of the devices at hand (`launcher.profile`): fitted per-layer-type times
   and per-collective latency and bandwidth, memory from the profile's machine.
 
-Both carry per-term correction factors (``corrections``, term -> factor, see `launcher.cost.TERMS`)
+Both give a collective's time in two parts, latency (its message steps) and transfer (its bytes),
+and carry per-term correction factors (``corrections``, term -> factor, see `launcher.cost.TERMS`)
 that calibration fits from measured runs; a term without one is taken as predicted.
 """
 
@@ -43,6 +44,9 @@ class _Devices:
     def corrected(self, terms: dict[str, float]) -> dict[str, float]:
         return {term: seconds * self.corrections.get(term, 1.0) for term, seconds in terms.items()}
 
+    def collective_seconds(self, kind: str, nbytes: float, group_size: int, stride: int = 1) -> float:
+        return sum(self.collective_parts(kind, nbytes, group_size, stride))
+
 
 @dataclass
 class Analytic(_Devices):
@@ -57,8 +61,9 @@ class Analytic(_Devices):
         forward = unit.flops_per_token * tokens / (self.cluster.device_flops * self.cluster.compute_efficiency)
         return forward, (3 if checkpoint else 2) * forward
 
-    def collective_seconds(self, kind: str, nbytes: float, group_size: int, stride: int = 1) -> float:
-        return self.cluster.collective_seconds(kind, nbytes, group_size, stride)
+    def collective_parts(self, kind: str, nbytes: float, group_size: int, stride: int = 1) -> tuple[float, float]:
+        """(latency, transfer) seconds of one collective."""
+        return self.cluster.collective_parts(kind, nbytes, group_size, stride)
 
     def optimizer_seconds(self, params: float) -> float:
         return 2 * params * self.state_bytes_per_param / self.memory_bandwidth
@@ -82,8 +87,8 @@ class Measured(_Devices):
             return 0.0, 0.0
         return self.profile.layer_seconds(unit.key, tokens, checkpoint=checkpoint and unit.kind == "layer")
 
-    def collective_seconds(self, kind: str, nbytes: float, group_size: int, stride: int = 1) -> float:
-        return self.profile.collective_seconds(kind, nbytes, group_size) if group_size > 1 else 0.0
+    def collective_parts(self, kind: str, nbytes: float, group_size: int, stride: int = 1) -> tuple[float, float]:
+        return self.profile.collective_parts(kind, nbytes, group_size) if group_size > 1 else (0.0, 0.0)
 
     def optimizer_seconds(self, params: float) -> float:
         return self.profile.optimizer_seconds(params)

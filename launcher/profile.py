@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 from stratagem.errors import ConfigError, StratagemError
-from stratagem.launcher.cluster import KINDS, ClusterSpec, Link, collective_seconds, ring_terms
+from stratagem.launcher.cluster import KINDS, ClusterSpec, Link, collective_parts, ring_terms
 from stratagem.model.config import ModelConfig
 from stratagem.model.counts import count_model
 from stratagem.model.layers import LayerSpec
@@ -251,8 +251,9 @@ def layer_key(spec: LayerSpec) -> str:
     return f"{spec.mixer}/{spec.ffn}"
 
 
-def default_profile_path(ranks: int) -> Path:
-    return Path("profiles") / f"{socket.gethostname()}-{ranks}r.json"
+def default_profile_path(ranks: int, cfg: ModelConfig, seq_len: int) -> Path:
+    """profiles/<hostname>-<ranks>r-<shape>.json: one file per machine, rank count and model shape."""
+    return Path("profiles") / f"{socket.gethostname()}-{ranks}r-{shape_hash(cfg, seq_len)[:8]}.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,6 +273,8 @@ class Profile:
     wall_seconds: float
     source: str = "profile"  # the file it was read from, for messages
     corrections: dict[str, float] = dataclasses.field(default_factory=dict)  # cost term -> factor (launcher.calibrate)
+    # measured runs the corrections are fitted to: {"run", "plan", "terms", "measured_s", "at"} (launcher.calibrate)
+    observations: list[dict] = dataclasses.field(default_factory=list)
 
     def layer_keys(self) -> list[str]:
         """The measured layer types ("mixer/ffn") and "head" (embedding, final norm, head and loss)."""
@@ -303,10 +306,14 @@ class Profile:
         fits = self.collectives[kind]
         return fits[min(fits, key=lambda g: (abs(g - group_size), -g))].link
 
+    def collective_parts(self, kind: str, nbytes: float, group_size: int) -> tuple[float, float]:
+        """(latency, transfer) seconds of one collective (nbytes as in `ClusterSpec.collective_seconds`)
+        by the ring formulas with the latency and bandwidth measured on the nearest group size; zeros on
+        one rank."""
+        return collective_parts(kind, nbytes, group_size, self.collective_link(kind, group_size))
+
     def collective_seconds(self, kind: str, nbytes: float, group_size: int) -> float:
-        """One collective (nbytes as in `ClusterSpec.collective_seconds`) by the ring formulas with the
-        latency and bandwidth measured on the nearest group size; 0.0 on one rank."""
-        return collective_seconds(kind, nbytes, group_size, self.collective_link(kind, group_size))
+        return sum(self.collective_parts(kind, nbytes, group_size))
 
     def cluster(self) -> ClusterSpec:
         """This machine as a cluster spec: one node of `ranks` devices, the link of the all-reduce on
@@ -355,6 +362,7 @@ class Profile:
             "collectives": {kind: {str(g): dataclasses.asdict(fit) for g, fit in fits.items()}
                             for kind, fits in self.collectives.items()},
             "corrections": dict(self.corrections),
+            "observations": list(self.observations),
         }
 
     @classmethod
@@ -367,7 +375,8 @@ class Profile:
                                 for kind, fits in d["collectives"].items()},
                    memory_available=int(d["memory_available"]), created=str(d["created"]),
                    wall_seconds=float(d["wall_seconds"]), source=source,
-                   corrections={str(k): float(v) for k, v in d.get("corrections", {}).items()})
+                   corrections={str(k): float(v) for k, v in d.get("corrections", {}).items()},
+                   observations=list(d.get("observations", [])))
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -500,7 +509,7 @@ def ensure_profile(cfg: ModelConfig, ranks: int, seq_len: int, path: str | Path 
     """The profile at `path` (default `default_profile_path`) if it is this machine's on `ranks` ranks
     and covers `cfg` at `seq_len`; otherwise, or with `force`, measure and write it. `say` tells which."""
     _check_arguments(ranks, seq_len)
-    path = Path(path) if path is not None else default_profile_path(ranks)
+    path = Path(path) if path is not None else default_profile_path(ranks, cfg, seq_len)
     profile, reason = (None, "--force") if force else _read_profile(path, expect_ranks=ranks)
     reason = reason or profile.mismatch(cfg, seq_len)
     if reason is None:

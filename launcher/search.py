@@ -46,7 +46,7 @@ from stratagem.model.counts import human_bytes
 from stratagem.launcher.cost import (UnitLayout, Workload, in_flight, p2p_seconds, predict, relayout_seconds,
                                      schedule_factor, unit_cost, units)
 from stratagem.parallel.plan import (DP_KINDS, EP_SHARDS, TP_SHARDS, LayerLayout, Layout, Pipeline, Plan, PlanError,
-                                     Predicted, even_stages)
+                                     Predicted, describe, even_stages)
 
 FRONTIER_POINTS = 128  # beyond this many points a frontier keeps the fastest per 1/128 of the memory budget
 VIRTUAL_STAGES = {"gpipe": (1,), "1f1b": (1,), "interleaved_1f1b": (2, 4), "zero_bubble": (2, 4)}
@@ -61,6 +61,7 @@ class Space:
     checkpoints: tuple[bool, ...] = (False, True)
     schedules: tuple[str, ...] = tuple(VIRTUAL_STAGES)
     max_pp: int | None = None
+    micro_batch_multiple: int = 1  # micro-batch sizes must be multiples of it (streamed data: the world size)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,22 @@ class SearchResult:
     uniform_prediction: object | None
     seconds: float  # the search's own wall time
     visited: int  # pipeline settings costed in full
+
+    def report(self, hw, specs) -> str:
+        """The plan's per-layer table, then its predictions beside the best uniform plan's."""
+
+        def line(name: str, prediction) -> str:
+            mfu = f", MFU {prediction.mfu:.1%}" if prediction.mfu is not None else ""
+            return (f"{name:9s} {prediction.step_seconds * 1000:10.1f} ms/step  {prediction.tokens_per_second:12,.0f} "
+                    f"tokens/s{mfu}, peak {human_bytes(max(prediction.memory_per_rank))} per rank "
+                    f"of {human_bytes(hw.memory)}")
+
+        lines = [describe(self.plan, specs), "", line("per-layer", self.prediction)]
+        if self.uniform_prediction is not None:
+            gain = self.uniform_prediction.step_seconds / self.prediction.step_seconds
+            lines += [line("uniform", self.uniform_prediction),
+                      f"per-layer plan: {gain:.3f}x the best uniform plan's speed (searched in {self.seconds:.2f} s)"]
+        return "\n".join(lines)
 
 
 # --- the options --------------------------------------------------------------------------------
@@ -141,6 +158,8 @@ def pipeline_settings(cfg, world: int, global_batch: int, max_tp: int, space: Sp
         stage = world // pp
         schedules = ["1f1b"] if pp == 1 else list(space.schedules)
         for b in _divisors(global_batch):
+            if b % space.micro_batch_multiple:
+                continue
             m = global_batch // b
             for schedule in schedules:
                 for v in VIRTUAL_STAGES[schedule]:
@@ -507,6 +526,10 @@ def plan_search(hw, work: Workload, model_cfg, world: int, space: Space = Space(
 
     The uniform search runs first: its plan is in the per-layer space too (one layout everywhere,
     even stages), so its step time bounds the per-layer search from the start."""
+    if work.global_batch % space.micro_batch_multiple:
+        raise ConfigError(f"a global batch of {work.global_batch} sequences does not split into micro-batches of a "
+                          f"multiple of {space.micro_batch_multiple} sequences (streamed data gives each of the "
+                          f"{space.micro_batch_multiple} ranks an equal share of every micro-batch)")
     began = time.perf_counter()
     planner = Planner(hw, work, model_cfg, world, space)
     uniform = planner.search(work.global_batch, uniform_only=True)

@@ -39,21 +39,24 @@ def test_nnls_matches_enumeration(seed):
     assert np.linalg.norm(a @ got - b) == pytest.approx(np.linalg.norm(a @ want - b), rel=1e-9, abs=1e-12)
 
 
-def predictions():
-    """Predictions of plans that exercise every term but relayout (uniform plans keep one tp)."""
+def predicted_terms():
+    """The step terms of plans that exercise every term but relayout (uniform plans keep one tp)."""
     cfg = dataclasses.replace(get_flavor("tiny-moe"), n_kv_heads=4)
     hw = Analytic(dataclasses.replace(builtin_cluster("h100-sxm", 1), device_memory=10**9,
                                       intra_node=Link(bandwidth=1e9, latency=1e-4)))
     work = Workload.of(cfg, 64, 16)
-    plans = [uniform_plan(cfg, 4, tp=tp, pp=pp, dp=dp, ep=ep, micro_batch_size=4, num_micro_batches=4)
-             for tp, pp, dp, ep in [(1, 1, "ddp", 1), (2, 1, "fsdp", 1), (1, 2, "zero2", 2), (1, 1, "fsdp", 4),
-                                    (4, 1, "ddp", 1), (1, 2, "ddp", 1), (2, 2, "fsdp", 1), (1, 1, "zero2", 2)]]
-    return [predict(hw, work, plan) for plan in plans]
+    plans = [uniform_plan(cfg, 4, tp=tp, pp=pp, dp=dp, ep=ep, micro_batch_size=mb, num_micro_batches=4)
+             for tp, pp, dp, ep, mb in [(1, 1, "ddp", 1, 4), (2, 1, "fsdp", 1, 4), (1, 2, "zero2", 2, 4),
+                                        (1, 1, "fsdp", 4, 4), (4, 1, "ddp", 1, 4), (1, 2, "ddp", 1, 4),
+                                        (2, 2, "fsdp", 1, 4), (1, 1, "zero2", 2, 4), (1, 1, "ddp", 1, 16),
+                                        (4, 1, "ddp", 1, 16), (1, 1, "fsdp", 4, 16), (1, 2, "ddp", 1, 16)]]
+    return [step_terms(predict(hw, work, plan)) for plan in plans]
 
 
 def test_fit_recovers_the_factors_that_made_the_measurements():
-    preds = predictions()
-    true = {"compute": 2.0, "tp": 5.0, "ep": 3.0, "dp": 1.5, "relayout": 1.0, "p2p": 1.0, "optimizer": 40.0}
+    preds = predicted_terms()
+    true = {"compute": 2.0, "tp": 5.0, "tp_latency": 8.0, "ep": 3.0, "ep_latency": 1.0, "dp": 1.5,
+            "dp_latency": 4.0, "relayout": 1.0, "p2p": 1.0, "optimizer": 40.0}
     measured = [corrected_seconds(p, true) for p in preds]
     fitted = fit_corrections(preds, measured)
     assert set(fitted) == set(TERMS)
@@ -63,6 +66,6 @@ def test_fit_recovers_the_factors_that_made_the_measurements():
 
 
 def test_factors_never_fall_below_one():
-    preds = predictions()
-    fitted = fit_corrections(preds, [0.5 * sum(step_terms(p).values()) for p in preds])  # runs faster than predicted
+    preds = predicted_terms()
+    fitted = fit_corrections(preds, [0.5 * sum(p.values()) for p in preds])  # runs faster than predicted
     assert all(f == 1.0 for f in fitted.values())
