@@ -214,12 +214,12 @@ class _PartBuffer:
         self.lengths.append(lengths)
 
 
-def _part_name(part: int) -> str:
+def part_name(part: int) -> str:
     return f"part-{part:05d}"
 
 
 def _marker(split_dir: Path, part: int) -> Path:
-    return split_dir / f"{_part_name(part)}.done.json"
+    return split_dir / f"{part_name(part)}.done.json"
 
 
 def _write_part(split_dir: Path, part: int, buffer: _PartBuffer, leftover: _Leftover, seq_len: int,
@@ -233,7 +233,7 @@ def _write_part(split_dir: Path, part: int, buffer: _PartBuffer, leftover: _Left
     width = seq_len + 1
     samples = len(tokens) // width
     bounds = np.searchsorted(starts, np.arange(samples + 1) * width)
-    writer = MDSWriter(out=str(split_dir / _part_name(part)), columns=COLUMNS, compression=compression,
+    writer = MDSWriter(out=str(split_dir / part_name(part)), columns=COLUMNS, compression=compression,
                        hashes=HASHES)
     for i in range(samples):
         segment_starts = starts[bounds[i]:bounds[i + 1]] - i * width
@@ -269,7 +269,7 @@ def _discard_parts_from(out: Path, first: int) -> None:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def _merge_index(split_dir: Path, parts: int) -> None:
+def merge_index(split_dir: Path, parts: int) -> None:
     """Write the split's root index.json listing every part's shards under ``part-NNNNN/``.
 
     Equivalent to streaming's ``merge_index`` for local parts, without its side effects (it copies
@@ -278,11 +278,11 @@ def _merge_index(split_dir: Path, parts: int) -> None:
     """
     shards = []
     for part in range(parts):
-        index = json.loads((split_dir / _part_name(part) / "index.json").read_text())
+        index = json.loads((split_dir / part_name(part) / "index.json").read_text())
         for shard in index["shards"]:
             for key in ("raw_data", "zip_data", "raw_meta", "zip_meta"):
                 if shard.get(key):
-                    shard[key]["basename"] = f"{_part_name(part)}/{shard[key]['basename']}"
+                    shard[key]["basename"] = f"{part_name(part)}/{shard[key]['basename']}"
             shards.append(shard)
     write_atomic(split_dir / "index.json", json.dumps({"version": 2, "shards": shards}, sort_keys=True).encode())
 
@@ -431,7 +431,7 @@ def _finish(out: Path, arguments: dict, stats: SourceStats, files: list[Path]) -
         raise DataError("the inputs hold no documents (every record was skipped as bad)")
     totals = {key: {} for key in ("documents", "tokens", "samples", "dropped_tokens")}
     for split in SPLITS:
-        _merge_index(out / split, parts)
+        merge_index(out / split, parts)
         markers = [_read_marker(out / split, part) for part in range(parts)]
         for key in ("documents", "tokens", "samples"):
             totals[key][split] = sum(marker[key] for marker in markers)

@@ -10,6 +10,7 @@ from pathlib import Path
 from stratagem.errors import ConfigError, StratagemError
 
 DEFAULT_CONFIG = "demo"
+DEFAULT_LAUNCH_CONFIG = "launch-demo"
 
 
 def _split_overrides(parser: argparse.ArgumentParser, extra: list[str]) -> list[str]:
@@ -20,7 +21,6 @@ def _split_overrides(parser: argparse.ArgumentParser, extra: list[str]) -> list[
 
 
 def cmd_train(args, overrides: list[str]) -> int:
-    from stratagem.data.synthetic import SyntheticCorpus
     from stratagem.launcher.config import load_config
     from stratagem.train.loop import train
 
@@ -29,35 +29,58 @@ def cmd_train(args, overrides: list[str]) -> int:
         result = _train_on_ranks(config, args)
     else:
         result = train(config, resume=args.resume, stop_after=args.stop_after)
-    entropy = SyntheticCorpus(config.data.synthetic, config.data.seq_len).entropy()
+    _print_result(config, result)
+    return 0
+
+
+def _print_result(config, result) -> None:
+    from stratagem.data.synthetic import SyntheticCorpus
+
     print(f"run directory   {result.run_dir}")
     print(f"tensorboard     tensorboard --logdir {result.run_dir / 'tensorboard'}")
     print(f"checkpoint      {result.checkpoint}")
-    if result.eval_loss is not None:
-        print(f"final eval loss {result.eval_loss:.4f} nats/token at step {result.step}; the corpus's exact "
-              f"entropy is {entropy.per_target:.4f} (Markov rate {entropy.markov_rate:.4f}, "
-              f"unigram {entropy.unigram:.4f}); gap {result.eval_loss - entropy.per_target:.4f}")
-    return 0
+    if result.eval_loss is None:
+        return
+    line = f"final eval loss {result.eval_loss:.4f} nats/token at step {result.step}"
+    if config.data.kind == "synthetic" or _streams_synthetic(config):
+        entropy = SyntheticCorpus(config.data.synthetic, config.data.seq_len).entropy()
+        line += (f"; the corpus's exact entropy is {entropy.per_target:.4f} (Markov rate {entropy.markov_rate:.4f}, "
+                 f"unigram {entropy.unigram:.4f}); gap {result.eval_loss - entropy.per_target:.4f}")
+    print(line)
+
+
+def _streams_synthetic(config) -> bool:
+    """Whether every stream is the config's synthetic corpus exported (`stratagem data synthetic`)."""
+    from stratagem.data.export import corpus_card
+    from stratagem.data.streaming import check_streams
+    from stratagem.data.tokenizer import card_mismatch
+
+    return card_mismatch(check_streams(config.data.mds.streams, config.data.seq_len),
+                         corpus_card(config.data.synthetic)) is None
 
 
 def _train_on_ranks(config, args):
     """`train` on --nproc local ranks under --plan (default: data parallelism), everything checked first."""
-    from stratagem.launcher.local import run_local
+    from stratagem.launcher.launch import train_on_ranks
     from stratagem.parallel.plan import load_plan
-    from stratagem.parallel.runtime import check_train_plan, default_plan
-    from stratagem.train.loop import prepare_run_dir
+    from stratagem.parallel.runtime import default_plan
 
     plan = load_plan(args.plan) if args.plan else default_plan(config, args.nproc)
-    nproc = args.nproc or plan.world_size
-    check_train_plan(config, plan, nproc)
-    prepare_run_dir(config, args.resume)
-    return run_local(nproc, _train_rank, config, plan, args.resume, args.stop_after)[0]
+    return train_on_ranks(config, plan, args.nproc or plan.world_size, args.resume, args.stop_after)
 
 
-def _train_rank(config, plan, resume: bool, stop_after: int | None):
-    from stratagem.train.loop import train
+def cmd_launch(args, overrides: list[str]) -> int:
+    from stratagem.launcher.config import load_config
+    from stratagem.launcher.launch import launch
 
-    return train(config, resume=resume, stop_after=stop_after, plan=plan)
+    config = load_config(args.config, overrides)
+    result = launch(config, resume=args.resume, stop_after=args.stop_after, replan=args.replan,
+                    force_profile=args.reprofile)
+    _print_result(config, result.train)
+    print(f"plan            {result.train.run_dir / 'plan.json'}")
+    if result.calibration is not None:
+        print(result.calibration.describe())
+    return 0
 
 
 def _flavor_or_config(target: str, overrides: list[str]):
@@ -111,6 +134,22 @@ def cmd_data_prepare(args, overrides: list[str]) -> int:
         print(f"{split:5s} {manifest.documents[split]:>10,} documents {manifest.tokens[split]:>14,} tokens "
               f"{manifest.samples[split]:>10,} samples of {manifest.seq_len + 1} tokens")
     print(f"prepared {args.out} (manifest {Path(args.out) / 'manifest.json'})")
+    return 0
+
+
+def cmd_data_synthetic(args, overrides: list[str]) -> int:
+    from stratagem.data.export import export_synthetic
+    from stratagem.launcher.config import load_config
+
+    config = load_config(args.config, overrides)
+    seq_len = config.data.seq_len
+    train_samples = args.train_samples or config.train.steps * config.train.global_batch_tokens // seq_len
+    manifest, written = export_synthetic(config.data.synthetic, seq_len, Path(args.out), train_samples,
+                                         args.val_samples)
+    verb = "wrote" if written else "already holds"
+    print(f"{args.out}: {verb} {manifest.samples['train']:,} train and {manifest.samples['val']:,} val samples of "
+          f"{seq_len + 1} tokens of the synthetic corpus (vocabulary {manifest.tokenizer['vocab_size']}); stream "
+          f"it with [[data.mds.streams]] path = \"{args.out}\"")
     return 0
 
 
@@ -190,8 +229,7 @@ def _hardware(cluster: str, nodes: int | None):
 def cmd_plan_search(args, overrides: list[str]) -> int:
     from stratagem.launcher.cost import FP32_ADAM, MIXED_ADAM, Workload
     from stratagem.launcher.search import plan_search
-    from stratagem.model.counts import human_bytes
-    from stratagem.parallel.plan import describe, dump_plan
+    from stratagem.parallel.plan import dump_plan
 
     config = _flavor_or_config(args.model, overrides)
     seq_len = args.seq_len or config.data.seq_len
@@ -207,22 +245,9 @@ def cmd_plan_search(args, overrides: list[str]) -> int:
     work = Workload.of(config.model, seq_len, tokens // seq_len, state=MIXED_ADAM if mixed else FP32_ADAM,
                        activation_bytes=2 if mixed else 4)
     result = plan_search(hw, work, config.model, world)
-    specs = config.model.layer_specs()
-    print(describe(result.plan, specs))
-
-    def line(name: str, prediction) -> str:
-        mfu = f", MFU {prediction.mfu:.1%}" if prediction.mfu is not None else ""
-        return (f"{name:9s} {prediction.step_seconds * 1000:10.1f} ms/step  {prediction.tokens_per_second:12,.0f} "
-                f"tokens/s{mfu}, peak {human_bytes(max(prediction.memory_per_rank))} per rank "
-                f"of {human_bytes(hw.memory)}")
-
-    print(f"\nplanned for {world} ranks of {hw.cluster.name}, {tokens:,} tokens per step ({tokens // seq_len} x "
-          f"{seq_len}), {args.precision}; searched in {result.seconds:.2f} s")
-    print(line("per-layer", result.prediction))
-    if result.uniform_prediction is not None:
-        print(line("uniform", result.uniform_prediction))
-        gain = result.uniform_prediction.step_seconds / result.prediction.step_seconds
-        print(f"per-layer plan: {gain:.3f}x the best uniform plan's speed")
+    print(f"planned for {world} ranks of {hw.cluster.name}, {tokens:,} tokens per step ({tokens // seq_len} x "
+          f"{seq_len}), {args.precision}")
+    print(result.report(hw, config.model.layer_specs()))
     if out is not None:
         dump_plan(result.plan, out)
         print(f"wrote {out}")
@@ -255,6 +280,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the parallel layout (stratagem plan new/show/check); default with --nproc: "
                             "data parallelism")
     train.set_defaults(func=cmd_train, takes_overrides=True)
+
+    launch = sub.add_parser("launch", help="profile this machine, plan the config per layer, train on local ranks",
+                            description="Profile this machine on [launch] ranks local ranks (cached in the "
+                                        "profile file), search the fastest per-layer plan that fits, print it, train "
+                                        "under it, then compare the measured step time with the prediction and "
+                                        "refit the profile's corrections for the next plan.")
+    launch.add_argument("config", nargs="?", default=DEFAULT_LAUNCH_CONFIG,
+                        help=f"a .toml file or the name of a shipped config (default: {DEFAULT_LAUNCH_CONFIG})")
+    launch.add_argument("--resume", action="store_true",
+                        help="continue from the run's newest complete checkpoint under the run's plan")
+    launch.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                        help="stop after this step with a checkpoint (continue later with --resume)")
+    launch.add_argument("--replan", action="store_true", help="with --resume: search a plan again")
+    launch.add_argument("--reprofile", action="store_true", help="measure this machine again")
+    launch.set_defaults(func=cmd_launch, takes_overrides=True)
 
     model = sub.add_parser("model", help="print a model's layer table, parameter counts and FLOPs per token")
     model.add_argument("name", help="a model flavor (e.g. tiny, llama-7b) or a config")
@@ -292,6 +332,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help="skip malformed JSONL lines (counted and reported) instead of stopping")
     prep.set_defaults(func=cmd_data_prepare)
 
+    synthetic = data.add_parser("synthetic", help="write the synthetic corpus as MDS shards to stream",
+                                description="Write the config's synthetic corpus (data.synthetic at data.seq_len) "
+                                            "as a prepared dataset: OUT/train, OUT/val (MDS) and OUT/manifest.json, "
+                                            "for [[data.mds.streams]]. A finished export of the same settings is "
+                                            "kept as it is.")
+    synthetic.add_argument("config", nargs="?", default=DEFAULT_CONFIG,
+                           help="a .toml file or the name of a shipped config (default: demo)")
+    synthetic.add_argument("--out", required=True, help="the folder to write (new, empty or an earlier export)")
+    synthetic.add_argument("--train-samples", type=int, default=0,
+                           help="training samples (default: what the config's train.steps consume)")
+    synthetic.add_argument("--val-samples", type=int, default=512, help="validation samples (default 512)")
+    synthetic.set_defaults(func=cmd_data_synthetic, takes_overrides=True)
+
     profile = sub.add_parser("profile", help="measure this machine for the planner: layer times, collectives, memory",
                              description="Measure, on --ranks local ranks at once (gloo on CPUs), the forward and "
                                          "backward time of every layer type of the model (with and without "
@@ -304,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--seq-len", type=int, default=0,
                          help="tokens per sequence (default: the config's data.seq_len)")
     profile.add_argument("--out", default=None, metavar="PATH",
-                         help="the profile file (default: profiles/<hostname>-<ranks>r.json)")
+                         help="the profile file (default: profiles/<hostname>-<ranks>r-<model shape>.json)")
     profile.add_argument("--force", action="store_true", help="measure again even if a matching profile exists")
     profile.set_defaults(func=cmd_profile, takes_overrides=True)
 

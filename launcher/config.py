@@ -37,16 +37,30 @@ class RunConfig:
 
 
 @dataclass
+class LaunchConfig:
+    """How `stratagem launch` runs a config: profile this machine, plan per layer, train."""
+
+    ranks: int = 4  # local processes (ranks) to plan for and train on
+    profile: str = ""  # the profile file; "" = profiles/<hostname>-<ranks>r-<model shape>.json
+    calibrate: bool = True  # after training, refit the profile's corrections to the measured step time
+
+    def validate(self) -> None:
+        if self.ranks < 1:
+            raise ConfigValueError("ranks", self.ranks, "must be at least 1")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
     flavor: str = ""  # the model flavor the [model] section starts from ("" = ModelConfig defaults)
 
     def to_dict(self) -> dict:
         out = {"run": dataclasses.asdict(self.run), "model": {}, "data": dataclasses.asdict(self.data),
-               "train": dataclasses.asdict(self.train)}
+               "train": dataclasses.asdict(self.train), "launch": dataclasses.asdict(self.launch)}
         if self.flavor:
             out["model"]["flavor"] = self.flavor
         out["model"].update(dataclasses.asdict(self.model))
@@ -148,18 +162,20 @@ def build_config(table: dict, source: str = "defaults", sources: dict | None = N
     run = _build(RunConfig, table.pop("run", {}), ("run",), where)
     data = _build(DataConfig, table.pop("data", {}), ("data",), where)
     train = _build(TrainConfig, table.pop("train", {}), ("train",), where)
+    launch = _build(LaunchConfig, table.pop("launch", {}), ("launch",), where)
     model = _build(ModelConfig, model_table, ("model",), where, base=base_model)
     for key in table:
         raise ConfigError(f"{where((key,))}: unknown section or key {key!r}"
-                          f"{_suggest(key, ['run', 'model', 'data', 'train'])}")
-    config = Config(run=run, model=model, data=data, train=train, flavor=flavor)
+                          f"{_suggest(key, ['run', 'model', 'data', 'train', 'launch'])}")
+    config = Config(run=run, model=model, data=data, train=train, launch=launch, flavor=flavor)
     _validate(config, where)
     return config
 
 
 def _validate(config: Config, where) -> None:
     sections = {"run": config.run, "model": config.model, "data": config.data,
-                "data.synthetic": config.data.synthetic, "data.mds": config.data.mds, "train": config.train}
+                "data.synthetic": config.data.synthetic, "data.mds": config.data.mds, "train": config.train,
+                "launch": config.launch}
     for name, section in sections.items():
         try:
             section.validate()

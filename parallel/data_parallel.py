@@ -35,6 +35,8 @@ its local copy of the gradient before the (SUM) all-reduce, and forcing SUM ther
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
@@ -44,6 +46,12 @@ from stratagem.errors import ConfigValueError
 from stratagem.parallel.plan import DP_KINDS
 
 __all__ = ["apply_data_parallel", "check_dp_kind"]
+
+# FSDP2 warns, on every rank and for every wrapped module whose output is a view, that an in-place
+# op on that output would skip its pre-backward hook. No module here changes another's output in
+# place, and every plan's gradients are checked against one process (tests/test_runtime.py), so
+# the dozens of lines per run say nothing.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(\w+\) returned a view tensor", category=UserWarning)
 
 
 def check_dp_kind(kind: str) -> None:

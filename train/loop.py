@@ -21,7 +21,7 @@ from stratagem.parallel.plan import Plan, dump_plan
 from stratagem.parallel.runtime import default_plan, parallelize
 from stratagem.train.engine import OneProcess
 from stratagem.train.checkpoint import Checkpointer, TrainState, check_resumable
-from stratagem.train.metrics import MetricsWriter, read_metrics
+from stratagem.train.metrics import MetricsWriter, peak_memory_bytes, read_metrics
 from stratagem.train.optim import build_optimizer
 from stratagem.train.progress import Progress
 from stratagem.train.schedule import lr_multiplier, schedule_phase
@@ -137,7 +137,8 @@ def train(config: Config, resume: bool = False, stop_after: int | None = None,
 
             tokens_per_s = tokens_per_step / seconds
             record = {"step": step, "tokens": step * tokens_per_step, "loss": loss, "lr": lr,
-                      "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+                      "grad_norm": grad_norm, "step_s": seconds, "tokens_per_s": tokens_per_s,
+                      "peak_memory_bytes": peak_memory_bytes(),
                       "mfu": counts.train_flops_per_token * tokens_per_s / tc.peak_flops,
                       "phase": schedule_phase(tc, step - 1)}
             record.update({f"tokens/{name}": n for name, n in batches.tokens_per_stream().items()})

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import sys
 from pathlib import Path
 
+import torch
 from torch.utils.tensorboard import SummaryWriter
+
+
+MEASURED_KEYS = ("step_s", "tokens_per_s", "mfu", "peak_memory_bytes")  # how fast and big, not what was learnt
+
+
+def without_measurements(records: list[dict]) -> list[dict]:
+    """The records without `MEASURED_KEYS`: what two runs of the same training must agree on."""
+    return [{k: v for k, v in r.items() if k not in MEASURED_KEYS} for r in records]
 
 
 class MetricsWriter:
@@ -35,6 +46,15 @@ class MetricsWriter:
     def close(self) -> None:
         self.file.close()
         self.tb.close()
+
+
+def peak_memory_bytes() -> int:
+    """This process's peak memory so far: CUDA's peak allocation on a GPU, else the peak resident set
+    (all of the process: the interpreter and libraries too, not only tensors)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated()
+    kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kilobytes if sys.platform == "darwin" else kilobytes * 1024  # macOS reports bytes
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

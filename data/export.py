@@ -1,0 +1,100 @@
+"""The embedded synthetic corpus written as a prepared dataset: MDS shards with a manifest, laid out
+as `stratagem data prepare` lays them out, so that a run streams them (`data.kind = "mds"`) with
+mosaicml-streaming exactly as it would stream a real corpus.
+
+Sample i of a split is the corpus's sample i (`SyntheticCorpus.sample(i, split)`): each is one
+document of seq_len + 1 tokens (``doc_starts = [0]``). The manifest's tokenizer card names the
+corpus instead of a sentencepiece model (``model_sha256`` is the hash of the corpus's settings), so
+streams exported from different settings are never mixed in one run.
+
+Layout of ``out``: ``synthetic.json`` (the arguments, written first), ``train/`` and ``val/`` (each
+one MDS part and its root ``index.json``), ``manifest.json`` (written last: the export is complete).
+Exporting again into a finished ``out`` with the same arguments does nothing; an unfinished export
+of the same arguments is written again; any other content of ``out`` is refused, never replaced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from stratagem.data.prepare import (COLUMNS, FORMAT, HASHES, MANIFEST_FILE, SPLITS, VERSION, Manifest,
+                                    load_manifest, merge_index, part_name)
+from stratagem.data.sources import DataError, write_atomic
+from stratagem.data.synthetic import SyntheticConfig, SyntheticCorpus
+
+ARGUMENTS_FILE = "synthetic.json"
+BATCH = 1024  # samples generated at once
+
+
+def corpus_card(cfg: SyntheticConfig) -> dict:
+    """The tokenizer card of the corpus: identified by the hash of its settings."""
+    settings = json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()
+    return {"model_sha256": hashlib.sha256(settings).hexdigest(), "vocab_size": cfg.vocab_size, "special_ids": {}}
+
+
+def export_synthetic(cfg: SyntheticConfig, seq_len: int, out: str | Path, train_samples: int,
+                     val_samples: int, compression: str | None = "zstd") -> tuple[Manifest, bool]:
+    """Write `train_samples` and `val_samples` of the corpus into `out`; (its manifest, whether it
+    was written now rather than found complete)."""
+    out = Path(out)
+    if seq_len < 1 or train_samples < 1 or val_samples < 1:
+        raise DataError(f"seq_len {seq_len}, train samples {train_samples}, val samples {val_samples}: "
+                        f"each must be at least 1")
+    arguments = {"synthetic": dataclasses.asdict(cfg), "seq_len": seq_len,
+                 "samples": {"train": train_samples, "val": val_samples}, "compression": compression}
+    if _claim(out, arguments):
+        return load_manifest(out), False
+    corpus = SyntheticCorpus(cfg, seq_len)
+    counts = {"train": train_samples, "val": val_samples}
+    for split in SPLITS:
+        _write_split(corpus, out / split, split, counts[split], compression)
+    manifest = Manifest(format=FORMAT, version=VERSION, seq_len=seq_len, tokenizer=corpus_card(cfg),
+                        val_fraction=val_samples / (train_samples + val_samples), documents=dict(counts),
+                        tokens={s: n * (seq_len + 1) for s, n in counts.items()}, samples=dict(counts),
+                        dropped_tokens=dict.fromkeys(SPLITS, 0),
+                        sources=[{"synthetic": arguments["synthetic"]}], columns=dict(COLUMNS))
+    write_atomic(out / MANIFEST_FILE, (json.dumps(manifest.to_dict(), indent=1) + "\n").encode())
+    return manifest, True
+
+
+def _claim(out: Path, arguments: dict) -> bool:
+    """Make `out` ours for `arguments`; True if it already holds their finished export."""
+    record = out / ARGUMENTS_FILE
+    if record.is_file():
+        try:
+            previous = json.loads(record.read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(f"{record}: unreadable ({e}); delete {out} to export again") from None
+        if previous != arguments:
+            changed = sorted(k for k in {*previous, *arguments} if previous.get(k) != arguments.get(k))
+            raise DataError(f"{out}: holds an export with other {', '.join(changed)}; choose another "
+                            f"directory or delete it")
+        if (out / MANIFEST_FILE).is_file():
+            return True
+        for split in SPLITS:  # an interrupted export of the same arguments: write it again
+            shutil.rmtree(out / split, ignore_errors=True)
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out}: exists and is not a synthetic export; choose an empty or new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(record, (json.dumps(arguments, indent=1) + "\n").encode())
+    return False
+
+
+def _write_split(corpus: SyntheticCorpus, split_dir: Path, split: str, samples: int,
+                 compression: str | None) -> None:
+    from streaming import MDSWriter
+
+    starts = np.zeros(1, np.int32)
+    with MDSWriter(out=str(split_dir / part_name(0)), columns=COLUMNS, compression=compression,
+                   hashes=HASHES) as writer:
+        for first in range(0, samples, BATCH):
+            tokens = corpus.sample(range(first, min(samples, first + BATCH)), split)
+            for row in tokens.numpy().astype(np.int32):
+                writer.write({"tokens": row, "doc_starts": starts})
+    merge_index(split_dir, 1)
