@@ -5,13 +5,15 @@ The model is the tiny hybrid MoE (Gated DeltaNet + attention, MoE feed-forwards)
 AdamW). The plans are every uniform plan of pipeline degree 1, 2 or 4 (1F1B), tensor degree 1, 2
 or 4, dp kind ddp or fsdp, checkpointing none or full, and expert degree 1 or 2, that the plan
 rules allow, and six plans that vary the layout by layer (`MIXES`). This machine is profiled first (`stratagem profile`, cached), every plan is measured
-as `plans.py` measures it (median of rounds, one step of each plan per round), and each is
-predicted by the cost model from the profile. Reported, before and after calibration
+as `plans.py` measures it (`launcher.probe.time_plans`: median of rounds, one step of each plan
+per round), and each is predicted by the cost model from the profile's micro-benchmarks. Reported, before and after calibration
 (`launcher.calibrate`: per-term factors; after = 4-fold cross-validation, each plan predicted with
 factors fitted on the other three quarters): the median absolute relative error of the predicted
 step time, Spearman's rank correlation of predicted and measured, and how the plan with the least
-predicted time measured against the fastest measured one. The factors fitted on all plans are
-stored in the profile, for every later plan search with it. Writes
+predicted time measured against the fastest measured one; and the same for the factors the
+profile's own probes fitted (what a first `stratagem launch` plans with). The measured plans join
+the probes as the profile's observations, with the factors fitted on all of them, for every later
+plan search with it. Writes
 benchmarks/results/planner_accuracy.json.
 
     .venv/bin/python benchmarks/planner_accuracy.py [--rounds 3] [--reuse]
@@ -21,15 +23,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import statistics
 from pathlib import Path
 
-from stratagem.launcher.calibrate import corrected_seconds, fit_corrections, step_terms
+from stratagem.launcher.calibrate import corrected_seconds, fit_corrections, record_run, step_terms
 from stratagem.launcher.cost import Workload, predict
 from stratagem.launcher.hardware import Measured
 from stratagem.launcher.local import run_local
+from stratagem.launcher.probe import time_plans
 from stratagem.launcher.profile import ensure_profile
 from stratagem.model import get_flavor
 from stratagem.parallel.plan import LayerLayout, check_plan, summary, uniform_plan
@@ -115,7 +119,8 @@ def cross_validated(names: list[str], predictions: dict, measured: dict, folds: 
 
 def measure(cases: dict, warmup: int, rounds: int) -> dict:
     """name -> median measured step seconds (or an error line)."""
-    ranks = run_local(WORLD, measured_plans.rank_main, {n: (MODEL, p) for n, p in cases.items()}, warmup, rounds, False)
+    ranks = run_local(WORLD, time_plans, {n: (MODEL, p) for n, p in cases.items()}, SEQ_LEN, warmup, rounds,
+                      functools.partial(print, flush=True))
     out = {}
     for name in cases:
         results = [r[name] for r in ranks]
@@ -134,7 +139,9 @@ def main() -> None:
     args = parser.parse_args()
 
     profile = ensure_profile(MODEL, WORLD, SEQ_LEN, args.profile)
-    profile.corrections = {}  # predict from the micro-benchmarks alone; calibration follows
+    probes = [o for o in profile.observations if o["run"].startswith("probe ")]
+    probe_factors = fit_corrections([o["terms"] for o in probes], [o["measured_s"] for o in probes]) if probes else None
+    profile.corrections = {}  # predict from the micro-benchmarks alone; calibrations follow
     hw = Measured(profile)
     work = Workload.of(MODEL, SEQ_LEN, MICRO_BATCH * MICRO_BATCHES)
     cases = enumerated()
@@ -150,7 +157,9 @@ def main() -> None:
     before = {n: predictions[n].step_seconds for n in names}
     after = cross_validated(names, predictions, measured)
     factors = fit_corrections([step_terms(predictions[n]) for n in names], [measured[n] for n in names])
-    profile.corrections = factors
+    profile.observations = probes  # and these plans beside them
+    for n in names:
+        record_run(profile, f"planner_accuracy {n}", summary(cases[n]), step_terms(predictions[n]), measured[n])
     profile.save(profile.source)
     rows = {n: ({"error": times[n]} if n not in measured else {
         "measured_ms": round(1000 * measured[n], 2), "predicted_ms": round(1000 * before[n], 2),
@@ -160,6 +169,8 @@ def main() -> None:
     result = {
         "plans": len(names), "failed": len(cases) - len(names),
         "before_calibration": metrics(names, before, measured),
+        "calibrated_by_the_profiles_probes": None if probe_factors is None else metrics(
+            names, {n: corrected_seconds(step_terms(predictions[n]), probe_factors) for n in names}, measured),
         "after_calibration_4_fold": metrics(names, after, measured),
         "corrections_fitted_on_all": {k: round(v, 3) for k, v in factors.items()},
         "goals": {"median_abs_relative_error": "< 0.15", "spearman": ">= 0.8", "pick_over_fastest": "<= 1.10"},

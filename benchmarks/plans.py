@@ -32,10 +32,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import statistics
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -45,18 +43,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from stratagem.launcher.local import run_local
+from stratagem.launcher.probe import StepTimer, time_plans
 from stratagem.model import Transformer, get_flavor
 from stratagem.parallel.plan import LayerLayout, Plan, check_plan, uniform_plan
-from stratagem.parallel.runtime import parallelize
-from stratagem.train.config import TrainConfig
-from stratagem.train.optim import build_optimizer
 
 import report  # benchmarks/report.py, beside this script
 
 WORLD = 4
 SEQ_LEN = 64
 MICRO_BATCH, MICRO_BATCHES = 8, 4  # sequences per micro-batch (over a stage's dp ranks), per step
-MAX_NORM = 1.0
 MIB = 2 ** 20
 
 # the tiny shapes with 8 layers (pipelines of 4 x 2 stages), 4 KV heads so that TP=4 divides every layer
@@ -105,12 +100,6 @@ def cases() -> dict[str, tuple[str, Plan]]:
     out["moe-dp4-fsdp"] = ("moe", plan_of("moe", dp="fsdp"))
     out["moe-ep2-dp4-fsdp"] = ("moe", plan_of("moe", dp="fsdp", ep=2))
     return out
-
-
-def step_batches(vocab_size: int, steps: int) -> list[list[torch.Tensor]]:
-    generator = torch.Generator().manual_seed(1)
-    return [[torch.randint(vocab_size, (MICRO_BATCH, SEQ_LEN + 1), generator=generator)
-             for _ in range(MICRO_BATCHES)] for _ in range(steps)]
 
 
 # --- memory: live tensor storage ------------------------------------------------------------------
@@ -220,106 +209,27 @@ def allocated_peak(prof) -> int:
 
 # --- the ranks ----------------------------------------------------------------------------------------
 
-def one_step(parallel, optimizer, batches) -> float:
-    loss = parallel.train_step(batches)
-    parallel.clip_grad_norm_(MAX_NORM)
-    optimizer.step()
-    parallel.after_optimizer_step()
-    return loss
+def memory_step(timer: StepTimer) -> dict:
+    """One more step of `timer`'s plan, its memory measured (see the module docstring)."""
+    batches = timer.batches[len(timer.losses) % len(timer.batches)]
+    dist.barrier()
+    state = ModelState(timer.parallel.modules, timer.optimizer)
+    live = state.storages()  # what is live as the step starts: model states, buffers, the batch
+    for tensor in [*(b for module in timer.parallel.modules for b in module.buffers()), *batches]:
+        _storages(tensor, live)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, ModelStatePeak(state) as tracker:
+        timer.losses.append(timer.run_step(batches))
+        tracker.sample()
+        at_rest = total_bytes(state.storages())
+        timer.optimizer.zero_grad(set_to_none=True)
+    return {"start_bytes": total_bytes(live), "peak_bytes": total_bytes(live) + allocated_peak(prof),
+            "model_state_peak_bytes": tracker.peak, "model_state_at_rest_bytes": at_rest}
 
 
-def slowest(seconds: float) -> float:
-    value = torch.tensor(seconds, dtype=torch.float64)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return value.item()
-
-
-class PlanRun:
-    """One plan's model, optimizer and batches on this rank, and what its steps measured."""
-
-    def __init__(self, cfg, plan: Plan):
-        torch.manual_seed(0)
-        self.parallel = parallelize(Transformer(cfg), plan)
-        self.optimizer = build_optimizer(self.parallel.state_module, TrainConfig())
-        self.batches = step_batches(cfg.vocab_size, 4)
-        self.seconds, self.losses = [], []
-
-    def step(self, timed: bool) -> None:
-        batches = self.batches[len(self.losses) % len(self.batches)]
-        dist.barrier()
-        began = time.perf_counter()
-        self.losses.append(one_step(self.parallel, self.optimizer, batches))
-        self.optimizer.zero_grad(set_to_none=True)
-        elapsed = slowest(time.perf_counter() - began)
-        if timed:
-            self.seconds.append(elapsed)
-
-    def memory_step(self) -> dict:
-        """One more step, its memory measured (see the module docstring)."""
-        batches = self.batches[len(self.losses) % len(self.batches)]
-        dist.barrier()
-        state = ModelState(self.parallel.modules, self.optimizer)
-        live = state.storages()  # what is live as the step starts: model states, buffers, the batch
-        for tensor in [*(b for module in self.parallel.modules for b in module.buffers()), *batches]:
-            _storages(tensor, live)
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, ModelStatePeak(state) as tracker:
-            self.losses.append(one_step(self.parallel, self.optimizer, batches))
-            tracker.sample()
-            at_rest = total_bytes(state.storages())
-            self.optimizer.zero_grad(set_to_none=True)
-        return {"step_s": self.seconds, "losses": self.losses, "start_bytes": total_bytes(live),
-                "peak_bytes": total_bytes(live) + allocated_peak(prof),
-                "model_state_peak_bytes": tracker.peak, "model_state_at_rest_bytes": at_rest}
-
-
-def failure(error: Exception) -> dict:
-    return {"error": f"{type(error).__name__}: {error}".splitlines()[0], "traceback": traceback.format_exc()}
-
-
-def rank_main(plans: dict, warmup: int, rounds: int, memory: bool = True) -> dict:
-    """`plans`: name -> (model config, plan). Set up every plan and run its warm-up steps; then
-    `rounds` rounds of one timed step of each plan in turn; then (with `memory`) each plan's memory
-    step. A plan that raises (alike on every rank, as when the runtime refuses it) is recorded and
-    left out of what follows."""
-    torch.set_num_threads(1)
-    runs, results = {}, {}
-
-    def attempt(name: str, action) -> None:
-        try:
-            action()
-        except Exception as error:
-            results[name] = failure(error)
-            runs.pop(name, None)
-
-    def log(message: str) -> None:
-        if dist.get_rank() == 0:
-            print(message, flush=True)
-
-    for name, (cfg, plan) in plans.items():
-        began = time.perf_counter()
-
-        def set_up(name=name, cfg=cfg, plan=plan) -> None:
-            runs[name] = PlanRun(cfg, plan)
-            for _ in range(warmup):
-                runs[name].step(timed=False)
-
-        attempt(name, set_up)
-        log(f"set up + {warmup} warm-up steps: {name:32s} {time.perf_counter() - began:6.1f} s")
-    for round_ in range(rounds):
-        began = time.perf_counter()
-        for name, run in list(runs.items()):
-            attempt(name, lambda run=run: run.step(timed=True))
-        log(f"round {round_ + 1} of {rounds}: {time.perf_counter() - began:6.1f} s")
-    for name, run in list(runs.items()):
-        if not memory:
-            results[name] = {"step_s": run.seconds, "losses": run.losses}
-            continue
-        began = time.perf_counter()
-        attempt(name, lambda name=name, run=run: results.__setitem__(name, run.memory_step()))
-        log(f"memory step: {name:32s} {time.perf_counter() - began:6.1f} s")
-    runs.clear()
-    gc.collect()
-    return results
+def rank_main(plans: dict, warmup: int, rounds: int) -> dict:
+    """`plans`: name -> (model config, plan), timed in rounds (`launcher.probe.time_plans`), then
+    each plan's memory step."""
+    return time_plans(plans, SEQ_LEN, warmup, rounds, say=lambda line: print(line, flush=True), finish=memory_step)
 
 
 # --- the launch -------------------------------------------------------------------------------------

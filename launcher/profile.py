@@ -58,7 +58,7 @@ from stratagem.model.transformer import Block, Transformer
 from stratagem.train.config import TrainConfig
 from stratagem.train.optim import build_optimizer
 
-VERSION = 1
+VERSION = 2  # 2: observations, and corrections of the transfer/latency terms (launcher.cost.TERMS)
 HEAD = "head"
 REFERENCE = LayerSpec("attention", "mlp")  # the block whose speed estimates the device's FLOP/s
 DTYPE = torch.float32  # multi-rank training runs in float32 (no autocast under a plan yet)
@@ -85,6 +85,7 @@ class ProfileSettings:
     seconds: float = 1.0  # more runs, up to max_repeats, while a measured item takes less than this
     message_sizes: tuple[int, ...] = tuple(4096 * 4**i for i in range(7))  # 4 KiB .. 16 MiB
     optimizer_params: int = 2**20
+    probes: bool = True  # then time a few real plans and calibrate (`launcher.probe`)
 
     def __post_init__(self):
         if len(set(self.micro_batches)) < 2 or min(self.micro_batches) < 1:
@@ -518,6 +519,10 @@ def ensure_profile(cfg: ModelConfig, ranks: int, seq_len: int, path: str | Path 
         return profile
     say(f"{path}: {reason}; measuring on {ranks} ranks")
     profile = profile_machine(cfg, ranks, seq_len, settings, progress)
+    if settings.probes:
+        from stratagem.launcher.probe import calibrate_with_probes
+
+        calibrate_with_probes(profile, cfg, ranks, seq_len, say)
     profile.save(path)
     return profile
 

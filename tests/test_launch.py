@@ -17,13 +17,12 @@ from stratagem.launcher.config import load_config
 from stratagem.launcher.cost import TERMS, predict
 from stratagem.launcher.hardware import Measured
 from stratagem.launcher.launch import WARMUP_STEPS, launch, workload
-from stratagem.launcher.profile import ProfileSettings, load_profile, profile_machine
+from stratagem.launcher.profile import load_profile, profile_machine
 from stratagem.parallel.plan import load_plan
 from stratagem.train.metrics import read_metrics
+from tests.test_profile import SMALL
 
 SEQ_LEN = 64
-SMALL = ProfileSettings(micro_batches=(1, 8), repeats=3, max_repeats=3, seconds=0.0,
-                        message_sizes=(4096, 2**20, 2**24), optimizer_params=2**16)
 
 
 def overrides(tmp_path, *extra) -> list[str]:

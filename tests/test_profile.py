@@ -15,8 +15,11 @@ import pytest
 
 from stratagem.launcher import profile as profiling
 from stratagem.launcher.cli import main
+from stratagem.launcher.calibrate import corrected_seconds
 from stratagem.launcher.cluster import KINDS, Link, collective_seconds
-from stratagem.launcher.profile import (HEAD, CollectiveFit, LinearFit, MissingLayerType, ProfileError,
+from stratagem.launcher.cost import TERMS
+from stratagem.launcher.probe import calibrate_with_probes, probe_model
+from stratagem.launcher.profile import (HEAD, VERSION, CollectiveFit, LinearFit, MissingLayerType, ProfileError,
                                         ProfileSettings, ensure_profile, load_profile, profile_machine,
                                         this_machine)
 from stratagem.model import get_flavor
@@ -25,7 +28,7 @@ from stratagem.model.counts import count_model
 FLAVOR = "tiny-hybrid-moe"  # gated_deltanet/moe and attention/moe layers
 SEQ_LEN = 64
 SMALL = ProfileSettings(micro_batches=(1, 8), repeats=3, max_repeats=3, seconds=0.0,
-                        message_sizes=(4096, 2**20, 2**24), optimizer_params=2**16)
+                        message_sizes=(4096, 2**20, 2**24), optimizer_params=2**16, probes=False)
 KIB4, MIB16 = 4096, 2**24
 
 
@@ -184,7 +187,7 @@ def test_which_models_a_profile_covers(measured):
 
 def test_json_round_trip(measured, saved):
     document = json.loads(saved.read_text())
-    assert document["version"] == 1
+    assert document["version"] == VERSION == 2
     assert document["machine"]["ranks"] == 2
     assert document["layers"]["attention/moe"]["shape_hash"]
     loaded = load_profile(saved, expect_ranks=2)
@@ -205,8 +208,8 @@ def rewrite(path, change) -> None:
                  "a profile of another machine: hostname 'elsewhere', here ", id="hostname"),
     pytest.param(lambda d: d["machine"].update(torch="1.0.0", cores=64),
                  "a profile of another machine: cores 64, here ", id="cores-and-torch"),
-    pytest.param(lambda d: d.update(version=0), "profile version 0; this stratagem reads version 1", id="old-version"),
-    pytest.param(lambda d: d.pop("version"), "profile version None; this stratagem reads version 1", id="no-version"),
+    pytest.param(lambda d: d.update(version=1), "profile version 1; this stratagem reads version 2", id="old-version"),
+    pytest.param(lambda d: d.pop("version"), "profile version None; this stratagem reads version 2", id="no-version"),
     pytest.param(lambda d: d.pop("layers"), "corrupt profile (KeyError: 'layers')", id="missing-key"),
     pytest.param(lambda d: d["collectives"]["all_reduce"]["2"].update(bandwidth="fast"),
                  "corrupt profile (ValueError: ", id="bad-value"),
@@ -283,3 +286,42 @@ def test_cli_refuses_one_rank(capsys, tmp_path):
     assert main(["profile", "--model", FLAVOR, "--ranks", "1", "--out", str(tmp_path / "p.json")]) == 2
     err = capsys.readouterr().err
     assert err == "stratagem: error: ranks = 1: a profile needs at least 2 ranks (it measures collectives)\n"
+
+
+# 5. calibration probes
+
+
+def test_probes_time_real_plans_and_calibrate_the_profile(measured):
+    """The probes run on real ranks; the factors fitted to them can only bring the predictions of
+    those same steps closer (least squares with the uncorrected prediction among its choices)."""
+    profile = dataclasses.replace(measured, corrections={}, observations=[])
+    said = []
+    recorded = calibrate_with_probes(profile, get_flavor(FLAVOR), 2, SEQ_LEN, say=said.append)
+    names = [o["run"] for o in profile.observations]
+    assert recorded == len(names) and names == ["probe ddp", "probe fsdp-checkpointed", "probe tp2", "probe pp2",
+                                                "probe ep2-fsdp"]
+    assert said[-1].startswith(f"probes: {recorded} plans timed in ")
+    assert set(profile.corrections) == set(TERMS) and min(profile.corrections.values()) >= 1.0
+
+    def squared_error(corrections):
+        return sum((corrected_seconds(o["terms"], corrections) / o["measured_s"] - 1) ** 2
+                   for o in profile.observations)
+
+    assert squared_error(profile.corrections) <= squared_error({}) + 1e-12
+    assert all(o["measured_s"] > 0 and set(o["terms"]) == set(TERMS) for o in profile.observations)
+
+
+def test_probes_leave_out_what_would_not_fit_or_take_too_long(measured):
+    profile = dataclasses.replace(measured, corrections={}, observations=[], memory_available=1)
+    said = []
+    assert calibrate_with_probes(profile, get_flavor(FLAVOR), 2, SEQ_LEN, say=said.append) == 0
+    assert said == [f"probe {name}: left out (does not fit)"
+                    for name in ("ddp", "fsdp-checkpointed", "tp2", "pp2", "ep2-fsdp")]
+    assert profile.observations == [] and profile.corrections == {}
+
+
+def test_probe_model_keeps_every_layer_type():
+    hybrid = dataclasses.replace(get_flavor("tiny-hybrid"), n_layers=12)  # 3 gated_deltanet : 1 attention
+    assert probe_model(hybrid).n_layers == 4
+    longer = dataclasses.replace(hybrid, pattern=["5*gated_deltanet", "attention"])
+    assert probe_model(longer) is longer  # 4 layers would lose the attention layers
