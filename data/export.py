@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from stratagem.data.prepare import (COLUMNS, FORMAT, HASHES, MANIFEST_FILE, SPLITS, VERSION, Manifest,
-                                    load_manifest, merge_index, part_name)
+                                    claim_output, load_manifest, merge_index, part_name)
 from stratagem.data.sources import DataError, write_atomic
 from stratagem.data.synthetic import SyntheticConfig, SyntheticCorpus
 
@@ -64,25 +64,12 @@ def export_synthetic(cfg: SyntheticConfig, seq_len: int, out: str | Path, train_
 
 
 def _claim(out: Path, arguments: dict) -> bool:
-    """Make `out` ours for `arguments`; True if it already holds their finished export."""
-    record = out / ARGUMENTS_FILE
-    if record.is_file():
-        try:
-            previous = json.loads(record.read_text())
-        except (OSError, ValueError) as e:
-            raise DataError(f"{record}: unreadable ({e}); delete {out} to export again") from None
-        if previous != arguments:
-            changed = sorted(k for k in {*previous, *arguments} if previous.get(k) != arguments.get(k))
-            raise DataError(f"{out}: holds an export with other {', '.join(changed)}; choose another "
-                            f"directory or delete it")
-        if (out / MANIFEST_FILE).is_file():
-            return True
-        for split in SPLITS:  # an interrupted export of the same arguments: write it again
-            shutil.rmtree(out / split, ignore_errors=True)
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out}: exists and is not a synthetic export; choose an empty or new directory")
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(record, (json.dumps(arguments, indent=1) + "\n").encode())
+    """Make `out` ours for `arguments`; True if it already holds their finished export. An
+    unfinished export of the same arguments (no manifest yet) loses what it wrote, to be redone."""
+    if claim_output(out, arguments, ARGUMENTS_FILE, "synthetic export", "exported"):
+        return True
+    for split in SPLITS:
+        shutil.rmtree(out / split, ignore_errors=True)
     return False
 
 

@@ -289,23 +289,25 @@ def merge_index(split_dir: Path, parts: int) -> None:
 
 # ---- the output directory --------------------------------------------------------------------
 
-def _claim(out: Path, arguments: dict) -> bool:
-    """Make ``out`` ours for these arguments; True if it already holds their finished output."""
-    record = out / ARGUMENTS_FILE
+def claim_output(out: Path, arguments: dict, record_file: str, kind: str, made: str) -> bool:
+    """Make ``out`` the output of a `kind` run ("prepare") with `arguments`, recorded in
+    ``out/record_file`` first; True if it already holds their finished output (its manifest). A
+    directory written with other arguments, or holding anything else, is refused untouched."""
+    record = out / record_file
     if record.is_file():
         try:
             previous = json.loads(record.read_text())
         except (OSError, ValueError) as e:
-            raise DataError(f"{record}: unreadable ({e}); delete the directory to prepare again") from None
+            raise DataError(f"{record}: unreadable ({e}); delete the directory to start again") from None
         for key in [*arguments, *(key for key in previous if key not in arguments)]:
             old, new = previous.get(key), arguments.get(key)
             if old != new:
                 change = f"{key} changed" if isinstance(new, (dict, list)) else f"{key} = {old!r}, now {new!r}"
-                raise DataError(f"{record}: this directory was prepared with other arguments ({change}); "
+                raise DataError(f"{record}: this directory was {made} with other arguments ({change}); "
                                 f"use another output directory or delete this one")
         return (out / MANIFEST_FILE).is_file()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out}: exists and is not a prepare output (no {ARGUMENTS_FILE}); "
+        raise DataError(f"{out}: exists and is not a {kind} output (no {record_file}); "
                         f"choose a new or empty directory")
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(record, (json.dumps(arguments, indent=1) + "\n").encode())
@@ -384,7 +386,7 @@ def prepare(inputs: list[str | Path], tokenizer: Path, seq_len: int, out: Path, 
     arguments = {"format": ARGUMENTS_FORMAT, "version": VERSION, "inputs": sources, "tokenizer": tok.card,
                  "seq_len": seq_len, "val_fraction": val_fraction, "text_field": text_field,
                  "documents_per_part": documents_per_part, "skip_bad": skip_bad, "compression": compression or None}
-    if _claim(out, json.loads(json.dumps(arguments))):
+    if claim_output(out, json.loads(json.dumps(arguments)), ARGUMENTS_FILE, "prepare", "prepared"):
         return load_manifest(out)
 
     done = _completed_parts(out)

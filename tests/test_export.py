@@ -54,7 +54,8 @@ def test_a_finished_export_is_kept_and_other_settings_are_refused_without_damage
     assert export_synthetic(CFG, SEQ_LEN, out, train_samples=64, val_samples=8)[1] is False
     with pytest.raises(DataError) as refused:
         export_synthetic(CFG, SEQ_LEN, out, train_samples=65, val_samples=8)
-    assert str(refused.value) == f"{out}: holds an export with other samples; choose another directory or delete it"
+    assert str(refused.value) == (f"{out / ARGUMENTS_FILE}: this directory was exported with other arguments "
+                                  f"(samples changed); use another output directory or delete this one")
     assert snapshot(out) == before
 
 
@@ -62,7 +63,7 @@ def test_a_foreign_folder_is_refused_untouched_and_an_interrupted_export_is_redo
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    with pytest.raises(DataError, match="exists and is not a synthetic export; choose an empty or new directory"):
+    with pytest.raises(DataError, match="exists and is not a synthetic export output .no synthetic.json.; choose a new or empty directory"):
         export_synthetic(CFG, SEQ_LEN, foreign, train_samples=8, val_samples=8)
     assert snapshot(foreign) == {"notes.txt": b"keep me"}
 
