@@ -254,6 +254,22 @@ def cmd_plan_search(args, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_submit_slurm(args, overrides: list[str]) -> int:
+    from stratagem.launcher.config import load_config
+    from stratagem.launcher.slurm import SlurmJob, submit
+    from stratagem.parallel.plan import load_plan
+    from stratagem.parallel.runtime import default_plan
+
+    config = load_config(args.config, overrides)
+    job = SlurmJob(nodes=args.nodes, ranks_per_node=args.ranks_per_node, cpus_per_task=args.cpus_per_task,
+                   time=args.time, signal_seconds=args.signal_seconds, partition=args.partition,
+                   account=args.account, sbatch_args=args.sbatch_arg)
+    job.validate()
+    plan = load_plan(args.plan) if args.plan else default_plan(config, job.world)
+    submit(config, plan, job, dry_run=args.dry_run)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from stratagem.parallel.plan import CHECKPOINTS, DP_KINDS, SCHEDULES  # no torch
 
@@ -418,6 +434,31 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--out", default=None, help="write the plan here")
     search.add_argument("--force", action="store_true", help="replace an existing --out")
     search.set_defaults(func=cmd_plan_search, takes_overrides=True)
+
+    submit = sub.add_parser("submit", help="submit a training run to a scheduler").add_subparsers(
+        dest="submit_command", required=True)
+    slurm = submit.add_parser("slurm", help="submit a run as a slurm batch job that checkpoints and requeues "
+                                            "itself at its time limit",
+                              description="Render the batch script (slurm/train.sbatch: one srun task per rank, "
+                                          "--signal=B:USR1 before the time limit, --requeue), write the job's "
+                                          "config, plan and script into the run directory and sbatch it. Every "
+                                          "start resumes from the run's newest complete checkpoint.")
+    slurm.add_argument("config", nargs="?", default=DEFAULT_CONFIG,
+                       help="a .toml file or the name of a shipped config (default: demo)")
+    slurm.add_argument("--nodes", type=int, default=1)
+    slurm.add_argument("--ranks-per-node", type=int, default=1, help="tasks (ranks) per node (default 1)")
+    slurm.add_argument("--cpus-per-task", type=int, default=1)
+    slurm.add_argument("--time", default="01:00:00", help="the job's time limit (default 01:00:00)")
+    slurm.add_argument("--signal-seconds", type=int, default=120,
+                       help="checkpoint and requeue this long before the time limit (default 120)")
+    slurm.add_argument("--partition", default="")
+    slurm.add_argument("--account", default="")
+    slurm.add_argument("--plan", default=None, metavar="PLAN_JSON",
+                       help="the parallel layout (default: data parallelism over all ranks)")
+    slurm.add_argument("--sbatch-arg", action="append", default=[], metavar="OPTION",
+                       help="one more sbatch option, e.g. --sbatch-arg=--qos=high (repeatable)")
+    slurm.add_argument("--dry-run", action="store_true", help="print the batch script; write and submit nothing")
+    slurm.set_defaults(func=cmd_submit_slurm, takes_overrides=True)
 
     config = sub.add_parser("config", help="print the resolved config (after flavor and overrides)")
     config.add_argument("config", nargs="?", default=DEFAULT_CONFIG)

@@ -34,6 +34,7 @@ class TrainResult:
     loss: float | None  # training loss of the last step run in this call (None if nothing ran)
     eval_loss: float | None  # the newest evaluation of the run
     checkpoint: Path | None
+    stopped: str | None = None  # why the run stopped before its last step ("time limit", "terminated")
 
 
 def run_dir_of(config: Config) -> Path:
@@ -64,13 +65,15 @@ def autocast(config: Config):
 
 
 def train(config: Config, resume: bool = False, stop_after: int | None = None,
-          progress_stream=None, plan: Plan | None = None) -> TrainResult:
+          progress_stream=None, plan: Plan | None = None, stop=None) -> TrainResult:
     """Train `config` to `config.train.steps`, continuing from the newest checkpoint when `resume`.
 
     `stop_after` ends this call after that step with a checkpoint, as a time-boxed job would;
     resuming later continues exactly as if the run had not stopped. In a process group, every
     rank calls it with the same `plan` (`parallel.runtime`; default: plain data parallelism,
     `default_plan`); rank 0 writes the metrics and files, all ranks write the checkpoints.
+    `stop` (`train.preemption.StopSignals`) is asked after every step: once a rank has received a
+    stop signal, all write a checkpoint and return with ``stopped`` set.
     """
     tc = config.train
     run_dir = run_dir_of(config)
@@ -120,7 +123,7 @@ def train(config: Config, resume: bool = False, stop_after: int | None = None,
     progress = Progress(tc.steps, start, tc.log_every, progress_stream if writer else io.StringIO())
 
     tokens_per_step = tc.global_batch_tokens
-    loss = eval_loss = None
+    loss = eval_loss = stopped = None
     checkpoint = latest
     last = min(tc.steps, stop_after) if stop_after else tc.steps
     try:
@@ -150,9 +153,16 @@ def train(config: Config, resume: bool = False, stop_after: int | None = None,
             if metrics is not None:
                 metrics.log(record)
             progress.update(step, loss, tokens_per_s, this_eval)
-            if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == last:
+            stopped = stop.agreed() if stop is not None and step < last else None
+            if stopped:
+                stop.arm_watchdog()
+                progress.note(f"stopping after step {step} ({stopped}): writing a checkpoint")
+            if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == last or stopped:
                 state = TrainState(step=step, loader=batches.state_dict(), scheduler=scheduler.state_dict())
                 checkpoint = checkpointer.save(step, engine.state_module, optimizer, state, config.to_dict())
+            if stopped:
+                last = step
+                break
     finally:
         progress.close()
         if metrics is not None:
@@ -161,4 +171,4 @@ def train(config: Config, resume: bool = False, stop_after: int | None = None,
     if eval_loss is None:
         eval_loss = next((r["eval_loss"] for r in reversed(read_metrics(run_dir)) if "eval_loss" in r), None)
     return TrainResult(run_dir=run_dir, step=max(start, last), loss=loss, eval_loss=eval_loss,
-                       checkpoint=checkpoint)
+                       checkpoint=checkpoint, stopped=stopped)

@@ -52,6 +52,13 @@ class Progress:
         line += f" tok/s {_count(tokens_per_s)} left {_duration(left)}"
         print(line, file=self.stream, flush=True)
 
+    def note(self, message: str) -> None:
+        """A line between the progress reports (above the bar on a terminal)."""
+        if self.bar is not None:
+            self.bar.write(message, file=self.stream)
+        else:
+            print(message, file=self.stream, flush=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
