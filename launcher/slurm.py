@@ -3,8 +3,8 @@
 The job (`slurm/train.sbatch`) runs one srun task per rank (``--nodes`` x ``--ranks-per-node``);
 the ranks meet at the allocation's first node (`launcher.worker`). Before the time limit slurm
 signals the batch shell (``--signal=B:USR1@secs``), which writes the job's stop file; the ranks
-write a checkpoint at the next step boundary and exit with `EXIT_REQUEUE`, and the shell requeues
-the job (``scontrol requeue``): the next start resumes from that checkpoint. ``scancel`` (SIGTERM)
+write a checkpoint at the next step boundary and exit, rank 0 leaving a requeue file, and the
+shell requeues the job (``scontrol requeue``): the next start resumes from that checkpoint. ``scancel`` (SIGTERM)
 also checkpoints, without requeueing. A job's files live in the run directory:
 ``job/config.toml`` (the resolved config), ``job/plan.json``, ``job/train.sbatch`` and
 ``slurm/<job id>.out``.
@@ -26,15 +26,11 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from stratagem.errors import ConfigError, StratagemError
-from stratagem.train.preemption import EXIT_REQUEUE
+from stratagem.errors import ConfigError
+from stratagem.launcher.job import SubmitError, prepare_job, remove
 
 SAFE = re.compile(r"[A-Za-z0-9._+:/@%=-]+")  # what a #SBATCH value may hold
 TIME = re.compile(r"(\d+-)?\d+(:\d{2}){0,2}")
-
-
-class SubmitError(StratagemError):
-    """sbatch refused the job (its own message), or could not be run."""
 
 
 @dataclass
@@ -64,10 +60,6 @@ class SlurmJob:
                 raise ConfigError(f"--{key} {value!r}: may hold only letters, digits and ._+:/@%=-")
 
 
-def job_dir_of(run_dir: Path) -> Path:
-    return run_dir / "job"
-
-
 def render(job: SlurmJob, name: str, run_dir: Path, python: str = sys.executable) -> str:
     """The batch script of `job` for the run `name` in `run_dir` (absolute)."""
     output = run_dir / "slurm" / "%j.out"
@@ -79,8 +71,7 @@ def render(job: SlurmJob, name: str, run_dir: Path, python: str = sys.executable
     values = {"job_name": name, "nodes": job.nodes, "ranks_per_node": job.ranks_per_node,
               "cpus_per_task": job.cpus_per_task, "time": job.time, "signal_seconds": job.signal_seconds,
               "output": output, "extra_directives": "\n".join(directives),
-              "job_dir": shlex.quote(str(job_dir_of(run_dir))), "python": shlex.quote(python),
-              "exit_requeue": EXIT_REQUEUE}
+              "job_dir": shlex.quote(str(run_dir / "job")), "python": shlex.quote(python)}
     script = (resources.files("stratagem") / "slurm" / "train.sbatch").read_text()
     for key, value in values.items():
         script = script.replace("{{" + key + "}}", str(value))
@@ -89,46 +80,29 @@ def render(job: SlurmJob, name: str, run_dir: Path, python: str = sys.executable
 
 def submit(config, plan, job: SlurmJob, dry_run: bool = False, say=print) -> str | None:
     """Write the job's files into the run directory and sbatch it; the job id (None with `dry_run`,
-    which prints the script and writes nothing). A run directory holding another config's job or
-    another model's checkpoints is refused; if sbatch refuses the job, what this call wrote goes."""
-    from stratagem.launcher.config import dump_toml
-    from stratagem.parallel.plan import dump_plan
-    from stratagem.parallel.runtime import check_train_plan
-    from stratagem.train.loop import prepare_run_dir, run_dir_of
-
+    which prints the script and writes nothing). Everything `launcher.job.prepare_job` checks is
+    checked first; if sbatch refuses the job, what this call wrote goes."""
     job.validate()
-    if not config.run.dir:
-        raise ConfigError("run.dir is empty: a job needs a run directory for its checkpoints and output")
-    check_train_plan(config, plan, job.world)
-    run_dir = run_dir_of(config).resolve()
-    script = render(job, config.run.name, run_dir)
-    prepare_run_dir(config, resume=True)  # another model's checkpoints: refused here
-    job_dir = job_dir_of(run_dir)
-    config_text = dump_toml(config.to_dict())
-    held = job_dir / "config.toml"
-    if held.is_file() and held.read_text() != config_text:
-        raise ConfigError(f"{held}: the run directory belongs to a job of another config; choose another "
-                          f"run.name, or delete {job_dir} to start this config there")
+    files = prepare_job(config, plan, job.world)
+    script = render(job, config.run.name, files.run_dir)
     if dry_run:
         say(script)
         return None
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         raise SubmitError("sbatch: not found on PATH; submit from a slurm login node")
-    created = [d for d in (run_dir, job_dir, run_dir / "slurm") if not d.exists()]
-    for folder in (job_dir, run_dir / "slurm"):
-        folder.mkdir(parents=True, exist_ok=True)
-    held.write_text(config_text)
-    dump_plan(plan, job_dir / "plan.json")
-    (job_dir / "train.sbatch").write_text(script)
-    done = subprocess.run([sbatch, "--parsable", *job.sbatch_args, str(job_dir / "train.sbatch")],
+    created = files.write()
+    if not (files.run_dir / "slurm").exists():
+        created.append(files.run_dir / "slurm")
+        (files.run_dir / "slurm").mkdir()
+    (files.folder / "train.sbatch").write_text(script)
+    done = subprocess.run([sbatch, "--parsable", *job.sbatch_args, str(files.folder / "train.sbatch")],
                           capture_output=True, text=True)
     if done.returncode != 0:
-        for folder in created:
-            shutil.rmtree(folder, ignore_errors=True)
+        remove(created)
         message = done.stderr.strip() or done.stdout.strip() or f"exit status {done.returncode}"
-        raise SubmitError(message.splitlines()[-1] if "\n" in message else message)
+        raise SubmitError(message.splitlines()[-1])
     job_id = done.stdout.strip().split(";")[0]
     say(f"submitted job {job_id}: {job.world} ranks ({job.nodes} node(s) x {job.ranks_per_node}), run "
-        f"{run_dir}, output {run_dir / 'slurm' / (job_id + '.out')}")
+        f"{files.run_dir}, output {files.run_dir / 'slurm' / (job_id + '.out')}")
     return job_id

@@ -8,8 +8,9 @@ rank joins the process group from the scheduler's environment (``SLURM_PROCID``,
 ``MASTER_PORT`` from the job script), then trains the config under the plan, resuming from the
 run's newest complete checkpoint (a requeued job continues by itself), with stop signals and the
 stop file ``JOB_DIR/stop`` honoured between steps (`train.preemption`). The handlers are installed before anything heavy is imported,
-so that a signal during start-up is not fatal. Exit status: `EXIT_REQUEUE` when the run stopped for
-the time limit, 0 when it finished or stopped for good, 2 with one line on bad input.
+so that a signal during start-up is not fatal. When the run stopped for the time limit, rank 0
+writes ``JOB_DIR/requeue`` for the job script to requeue the job. Exit status 0 when the run
+finished or stopped, 2 with one line on bad input.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import os
 import sys
 from pathlib import Path
 
-from stratagem.train.preemption import EXIT_REQUEUE, StopSignals
+from stratagem.train.preemption import StopSignals
 
 STOP_FILE = "stop"  # JOB_DIR/stop: the job script writes it when the time limit is near
+REQUEUE_FILE = "requeue"  # JOB_DIR/requeue: rank 0 writes it when the run stopped for the time limit
 
 
 def rank_environment(env=os.environ) -> tuple[int, int, int]:
@@ -56,7 +58,9 @@ def run(job_dir: Path, stop: StopSignals) -> int:
     if rank == 0:
         state = f"stopped after step {result.step} ({result.stopped})" if result.stopped else f"done at step {result.step}"
         print(f"stratagem: {result.run_dir}: {state}; checkpoint {result.checkpoint}", flush=True)
-    return EXIT_REQUEUE if result.stopped == "time limit" else 0
+    if rank == 0 and result.stopped == "time limit":
+        (job_dir / REQUEUE_FILE).write_text(f"stopped after step {result.step}\n")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,11 +14,11 @@ import pytest
 
 from stratagem.launcher.config import dump_toml, load_config
 from stratagem.launcher.local import free_port
-from stratagem.launcher.worker import STOP_FILE
+from stratagem.launcher.worker import REQUEUE_FILE, STOP_FILE
 from stratagem.parallel.plan import dump_plan
 from stratagem.parallel.runtime import default_plan
 from stratagem.train.metrics import read_metrics
-from stratagem.train.preemption import EXIT_HUNG, EXIT_REQUEUE
+from stratagem.train.preemption import EXIT_HUNG
 
 OVERRIDES = ["--model.flavor=tiny", "--data.seq_len=32", "--train.micro_batch_size=4", "--train.global_batch_tokens=256",
              "--train.steps=120", "--train.warmup_steps=2", "--train.eval_every=0", "--train.checkpoint_every=50",
@@ -78,21 +78,23 @@ def uninterrupted(tmp_path_factory):
     return losses(root / "straight")
 
 
-@pytest.mark.parametrize("signum, status, reason", [(signal.SIGUSR1, EXIT_REQUEUE, "time limit"),
-                                                     ("stop file", EXIT_REQUEUE, "time limit"),
-                                                     (signal.SIGTERM, 0, "terminated")])
-def test_a_signal_checkpoints_at_the_next_step_and_the_run_resumes_exactly(tmp_path, uninterrupted, signum, status,
+@pytest.mark.parametrize("signum, requeue, reason", [(signal.SIGUSR1, True, "time limit"),
+                                                      ("stop file", True, "time limit"),
+                                                      (signal.SIGTERM, False, "terminated")])
+def test_a_signal_checkpoints_at_the_next_step_and_the_run_resumes_exactly(tmp_path, uninterrupted, signum, requeue,
                                                                            reason):
     config, job_dir = job(tmp_path, "stopped")
     run_dir = tmp_path / "stopped"
     code, output = signal_after(start_worker(job_dir), run_dir, 5, signum)
-    assert code == status, output
+    assert code == 0, output
+    assert (job_dir / REQUEUE_FILE).is_file() == requeue
     stopped_at = read_metrics(run_dir)[-1]["step"]
     assert 5 <= stopped_at < 120
     assert f"stopping after step {stopped_at} ({reason}): writing a checkpoint" in output
     assert (run_dir / "checkpoints" / f"step-{stopped_at}").is_dir()  # beside the regular step-50, step-100
 
-    (job_dir / STOP_FILE).unlink(missing_ok=True)  # as the job script does before each start
+    for leftover in (STOP_FILE, REQUEUE_FILE):  # as the job script does before each start
+        (job_dir / leftover).unlink(missing_ok=True)
     worker = start_worker(job_dir)  # the next start resumes by itself
     out, err = worker.communicate(timeout=300)
     assert worker.returncode == 0, err

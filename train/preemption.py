@@ -5,8 +5,9 @@ resumed from that checkpoint.
 - SIGUSR1, or a stop file appearing: the time limit is near. Slurm's ``--signal=B:USR1@secs``
   signals the job script, which writes the stop file that every rank looks for (a file, not a
   signal passed on, because a signal reaching a rank before its handlers are installed would kill
-  it). The run should continue in a new allocation: the process exits with `EXIT_REQUEUE` and the
-  job script requeues the job.
+  it). The run should continue in a new allocation: the job's rank 0 says so in a requeue file
+  (`launcher.worker`) and the job script requeues the job. (An exit status would not do: srun
+  kills the other ranks of a step as soon as one exits non-zero, maybe before they are done.)
 - SIGTERM (``scancel``, a preemption) and SIGINT: stop for good; a scheduler that preempts with
   requeue starts the job again itself.
 
@@ -21,7 +22,6 @@ import signal
 import threading
 from pathlib import Path
 
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpointed before the time limit; run me again
 EXIT_HUNG = 124
 # what each signal asks for; the higher wins when ranks received different ones
 REQUESTS = {signal.SIGUSR1: 1, signal.SIGTERM: 2, signal.SIGINT: 2}
