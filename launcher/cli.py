@@ -74,6 +74,10 @@ def cmd_launch(args, overrides: list[str]) -> int:
     from stratagem.launcher.launch import launch
 
     config = load_config(args.config, overrides)
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise ConfigError(f"--nproc {args.nproc}: must be at least 1")
+        config.launch.ranks = args.nproc
     result = launch(config, resume=args.resume, stop_after=args.stop_after, replan=args.replan,
                     force_profile=args.reprofile)
     _print_result(config, result.train)
@@ -270,6 +274,23 @@ def cmd_submit_slurm(args, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_submit_ray(args, overrides: list[str]) -> int:
+    from stratagem.launcher.config import load_config
+    from stratagem.launcher.ray_jobs import submit
+    from stratagem.parallel.plan import load_plan
+    from stratagem.parallel.runtime import default_plan
+
+    config = load_config(args.config, overrides)
+    plan = load_plan(args.plan) if args.plan else default_plan(config, args.workers)
+    submit(config, plan, args.address, args.workers, follow=args.follow)
+    return 0
+
+
+def _config_argument(parser: argparse.ArgumentParser, default: str = DEFAULT_CONFIG) -> None:
+    parser.add_argument("config", nargs="?", default=default,
+                        help=f"a .toml file or the name of a shipped config (default: {default})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from stratagem.parallel.plan import CHECKPOINTS, DP_KINDS, SCHEDULES  # no torch
 
@@ -283,8 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Train from a config file or a named config (default: demo). "
                                        "Writes runs/<run.name>/: config.toml, metrics.jsonl, tensorboard/, "
                                        "checkpoints/step-N/.")
-    train.add_argument("config", nargs="?", default=DEFAULT_CONFIG,
-                       help="a .toml file or the name of a shipped config (default: demo)")
+    _config_argument(train)
     train.add_argument("--resume", action="store_true",
                        help="continue from the run's newest complete checkpoint (start fresh if it has none)")
     train.add_argument("--stop-after", type=int, default=None, metavar="STEP",
@@ -302,12 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
                                         "profile file), search the fastest per-layer plan that fits, print it, train "
                                         "under it, then compare the measured step time with the prediction and "
                                         "refit the profile's corrections for the next plan.")
-    launch.add_argument("config", nargs="?", default=DEFAULT_LAUNCH_CONFIG,
-                        help=f"a .toml file or the name of a shipped config (default: {DEFAULT_LAUNCH_CONFIG})")
+    _config_argument(launch, DEFAULT_LAUNCH_CONFIG)
     launch.add_argument("--resume", action="store_true",
                         help="continue from the run's newest complete checkpoint under the run's plan")
     launch.add_argument("--stop-after", type=int, default=None, metavar="STEP",
                         help="stop after this step with a checkpoint (continue later with --resume)")
+    launch.add_argument("--nproc", type=int, default=None, metavar="N",
+                        help="local ranks to plan for and train on (default: the config's launch.ranks)")
     launch.add_argument("--replan", action="store_true", help="with --resume: search a plan again")
     launch.add_argument("--reprofile", action="store_true", help="measure this machine again")
     launch.set_defaults(func=cmd_launch, takes_overrides=True)
@@ -353,8 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "as a prepared dataset: OUT/train, OUT/val (MDS) and OUT/manifest.json, "
                                             "for [[data.mds.streams]]. A finished export of the same settings is "
                                             "kept as it is.")
-    synthetic.add_argument("config", nargs="?", default=DEFAULT_CONFIG,
-                           help="a .toml file or the name of a shipped config (default: demo)")
+    _config_argument(synthetic)
     synthetic.add_argument("--out", required=True, help="the folder to write (new, empty or an earlier export)")
     synthetic.add_argument("--train-samples", type=int, default=0,
                            help="training samples (default: what the config's train.steps consume)")
@@ -443,8 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "--signal=B:USR1 before the time limit, --requeue), write the job's "
                                           "config, plan and script into the run directory and sbatch it. Every "
                                           "start resumes from the run's newest complete checkpoint.")
-    slurm.add_argument("config", nargs="?", default=DEFAULT_CONFIG,
-                       help="a .toml file or the name of a shipped config (default: demo)")
+    _config_argument(slurm)
     slurm.add_argument("--nodes", type=int, default=1)
     slurm.add_argument("--ranks-per-node", type=int, default=1, help="tasks (ranks) per node (default 1)")
     slurm.add_argument("--cpus-per-task", type=int, default=1)
@@ -459,6 +478,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="one more sbatch option, e.g. --sbatch-arg=--qos=high (repeatable)")
     slurm.add_argument("--dry-run", action="store_true", help="print the batch script; write and submit nothing")
     slurm.set_defaults(func=cmd_submit_slurm, takes_overrides=True)
+
+    ray = submit.add_parser("ray", help="submit a run to a Ray cluster, trained by Ray Train workers",
+                            description="Write the job's config and plan into the run directory and submit it "
+                                        "through Ray's job submission API; the job runs a TorchTrainer whose "
+                                        "workers are the run's ranks and restart from the newest checkpoint "
+                                        "when one dies.")
+    _config_argument(ray)
+    ray.add_argument("--address", required=True, help="the cluster's dashboard address, e.g. http://127.0.0.1:8265")
+    ray.add_argument("--workers", type=int, default=2, help="Ray Train workers, one rank each (default 2)")
+    ray.add_argument("--plan", default=None, metavar="PLAN_JSON",
+                     help="the parallel layout (default: data parallelism over the workers)")
+    ray.add_argument("--follow", action="store_true", help="print the job's logs until it ends")
+    ray.set_defaults(func=cmd_submit_ray, takes_overrides=True)
 
     config = sub.add_parser("config", help="print the resolved config (after flavor and overrides)")
     config.add_argument("config", nargs="?", default=DEFAULT_CONFIG)

@@ -45,9 +45,9 @@ class TrainState:
 
 
 class Checkpointer:
-    def __init__(self, folder: Path, keep: int = 0):
+    def __init__(self, folder: Path, keep: int = 0, keep_every: int = 0):
         self.folder = Path(folder)
-        self.keep = keep
+        self.keep, self.keep_every = keep, keep_every
 
     def complete(self) -> list[tuple[int, Path]]:
         """Committed checkpoints, oldest first. A committed one missing its files is an error."""
@@ -131,8 +131,9 @@ class Checkpointer:
     def _prune(self) -> None:
         if self.keep <= 0:
             return
-        for _, path in self.complete()[:-self.keep]:
-            shutil.rmtree(path)
+        for step, path in self.complete()[:-self.keep]:
+            if not (self.keep_every and step % self.keep_every == 0):
+                shutil.rmtree(path)
 
 
 def _barrier() -> None:

@@ -30,6 +30,7 @@ class TrainConfig:
     eval_batches: int = 4  # micro-batches per evaluation
     checkpoint_every: int = 100  # steps between checkpoints; the last step is always saved
     keep_checkpoints: int = 2  # newest checkpoints kept; 0 keeps all
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0: none
     log_every: int = 10  # steps between log lines when output is not a terminal
     peak_flops: float = 1.0e11  # per-device peak FLOP/s that model FLOPs utilisation is measured against
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
@@ -40,7 +41,7 @@ class TrainConfig:
             if getattr(self, key) <= 0:
                 raise ConfigValueError(key, getattr(self, key), "must be positive")
         non_negative = ("warmup_steps", "weight_decay", "grad_clip", "eval_every", "checkpoint_every",
-                        "keep_checkpoints", "threads")
+                        "keep_checkpoints", "keep_every", "threads")
         for key in non_negative:
             if getattr(self, key) < 0:
                 raise ConfigValueError(key, getattr(self, key), "must not be negative")

@@ -65,7 +65,7 @@ def autocast(config: Config):
 
 
 def train(config: Config, resume: bool = False, stop_after: int | None = None,
-          progress_stream=None, plan: Plan | None = None, stop=None) -> TrainResult:
+          progress_stream=None, plan: Plan | None = None, stop=None, report=None) -> TrainResult:
     """Train `config` to `config.train.steps`, continuing from the newest checkpoint when `resume`.
 
     `stop_after` ends this call after that step with a checkpoint, as a time-boxed job would;
@@ -73,7 +73,8 @@ def train(config: Config, resume: bool = False, stop_after: int | None = None,
     rank calls it with the same `plan` (`parallel.runtime`; default: plain data parallelism,
     `default_plan`); rank 0 writes the metrics and files, all ranks write the checkpoints.
     `stop` (`train.preemption.StopSignals`) is asked after every step: once a rank has received a
-    stop signal, all write a checkpoint and return with ``stopped`` set.
+    stop signal, all write a checkpoint and return with ``stopped`` set. `report(record, checkpoint)`,
+    if given, is called on every rank after each checkpoint is written (Ray Train's report).
     """
     tc = config.train
     run_dir = run_dir_of(config)
@@ -101,7 +102,7 @@ def train(config: Config, resume: bool = False, stop_after: int | None = None,
     held_out = build_eval_batches(config.data, tc.micro_batch_size, tc.eval_batches)  # the same set under any plan
     if dist.is_initialized():  # in micro-batches of the plan's size (`check_train_plan` checked they divide)
         held_out = list(torch.cat(held_out).split(micro_batch_size))
-    checkpointer = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints)
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints, keep_every=tc.keep_every)
 
     start = 0
     if latest is not None:
@@ -160,6 +161,8 @@ def train(config: Config, resume: bool = False, stop_after: int | None = None,
             if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == last or stopped:
                 state = TrainState(step=step, loader=batches.state_dict(), scheduler=scheduler.state_dict())
                 checkpoint = checkpointer.save(step, engine.state_module, optimizer, state, config.to_dict())
+                if report is not None:
+                    report(record, checkpoint)
             if stopped:
                 last = step
                 break
