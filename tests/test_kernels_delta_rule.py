@@ -1,11 +1,5 @@
 """Delta-rule kernels (DeltaNet: g=None; Gated DeltaNet: g given) against the token-by-token definition."""
 
-import os
-
-# The Triton kernels are tested on CPU tensors through the interpreter. This must be set before the
-# kernels are decorated, i.e. before stratagem.kernels.delta_rule.triton_chunk is first imported.
-os.environ["TRITON_INTERPRET"] = "1"
-
 import pytest
 import torch
 import torch.nn.functional as F

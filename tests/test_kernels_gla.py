@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import os
+import pytest
+import torch
+import torch.nn.functional as F
 
-# The Triton interpreter is chosen when a kernel is decorated, i.e. when
-# stratagem.kernels.gla.triton_chunk is first imported: switch it on before that.
-os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from stratagem.kernels.gla import chunk_gla, gla, gla_step, naive_gla  # noqa: E402
-from tests.seeds import describe, fresh_seed  # noqa: E402
+from stratagem.kernels.gla import chunk_gla, gla, gla_step, naive_gla
+from tests.seeds import describe, fresh_seed
 
 TOLERANCE = {torch.float64: 1e-5, torch.float32: 1e-3}
 GATES = ("random", "near_0", "near_1")
