@@ -40,7 +40,7 @@ def submit(config, plan, address: str, workers: int, follow: bool = False, say=p
     try:
         submission = client.submit_job(
             entrypoint=f"{shlex.quote(sys.executable)} -m stratagem.launcher.ray_jobs . {workers}",
-            runtime_env={"working_dir": str(job.folder)}, submission_id=None)
+            runtime_env={"working_dir": str(job.folder)})
     except Exception as err:
         remove(created)
         raise SubmitError(f"{address}: the job was refused ({_first_line(err)})") from None

@@ -75,7 +75,7 @@ def render(job: SlurmJob, name: str, run_dir: Path, python: str = sys.executable
     script = (resources.files("stratagem") / "slurm" / "train.sbatch").read_text()
     for key, value in values.items():
         script = script.replace("{{" + key + "}}", str(value))
-    return script.replace("\n\n\nset -uo", "\nset -uo")  # no blank line where no extra directive went
+    return script
 
 
 def submit(config, plan, job: SlurmJob, dry_run: bool = False, say=print) -> str | None:
