@@ -25,6 +25,12 @@ from tests.seeds import describe, fresh_seed
 from tests.test_tensor_parallel import rel, worst_grad
 
 TOL = 1e-5
+# Gated DeltaNet's per-head decay parameters: each gradient entry sums over every token of the
+# batch with cancelling signs, so float32 reduction order moves it more relative to its (small)
+# norm. Over 26 seeds of the tp cases the worst was 1.8e-5, the median 1.4e-6; every other
+# gradient stayed under 1e-5. A missing or doubled reduction errs by O(1) on them too.
+PER_HEAD_DECAY = ("mixer.A_log", "mixer.dt_bias")
+DECAY_TOL = 1e-4
 HYBRID = dataclasses.replace(get_flavor("tiny-hybrid"), n_kv_heads=4)  # 3 gated_deltanet, 1 attention
 # name: (model, embedding tp, layer tps, head tp)
 MODEL_CASES = {
@@ -86,8 +92,10 @@ def stage_errors(cfg, emb: int, layers: list[int], head: int, meshes: StageMeshe
                        (model.output, head)]:
         sum_over_dp(module, meshes.layout(tp))
     dist.all_reduce(loss, group=meshes.layout(head)["dp"].get_group())
+    decay, other = ([(name, p) for name, p in model.named_parameters() if name.endswith(PER_HEAD_DECAY) == kept]
+                    for kept in (True, False))
     return {"logits": rel(logits, local_batch(ref_logits, meshes.layout(head))), "loss": rel(loss, ref_loss),
-            "grads": worst_grad(model, ref)}
+            "grads": worst_grad(other, ref), "decay grads": worst_grad(decay, ref)}
 
 
 def model_scenarios(rank: int, world_size: int, seed: int) -> dict:
@@ -145,10 +153,12 @@ def model_results():
 @pytest.mark.parametrize("name", [*MODEL_CASES, "two stages"])
 def test_mixed_layouts_match_one_process(model_results, name):
     """Logits of every rank's rows, the loss summed over the head's dp groups and every gradient
-    (summed over its layer's dp ranks, gathered over tp) equal one process, relative 1e-5."""
+    (summed over its layer's dp ranks, gathered over tp) equal one process, relative 1e-5 (the
+    per-head decay parameters' gradients 1e-4)."""
     ranks, seed = model_results
     for r, errors in enumerate(result[name] for result in ranks):
-        assert max(errors.values()) < TOL, f"{name} rank {r}: {errors}; {seed}"
+        assert all(value < (DECAY_TOL if key == "decay grads" else TOL) for key, value in errors.items()), \
+            f"{name} rank {r}: {errors}; {seed}"
 
 
 def test_stage_meshes_cover_their_own_ranks(model_results):

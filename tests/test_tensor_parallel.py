@@ -60,9 +60,11 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
 
 
-def worst_grad(model: torch.nn.Module, ref: torch.nn.Module) -> float:
+def worst_grad(model: torch.nn.Module | list, ref: torch.nn.Module) -> float:
+    """The largest relative gradient error over `model`'s parameters (or a list of (name, parameter))."""
+    named = model.named_parameters() if isinstance(model, torch.nn.Module) else model
     params = dict(ref.named_parameters())
-    return max(rel(p.grad, params[name].grad) for name, p in model.named_parameters())
+    return max((rel(p.grad, params[name].grad) for name, p in named), default=0.0)
 
 
 # --- scenarios (run on every rank) -----------------------------------------------------------------
