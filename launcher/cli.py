@@ -286,6 +286,63 @@ def cmd_submit_ray(args, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_scaling_ladder(args, overrides: list[str]) -> int:
+    from stratagem.launcher.config import load_config
+    from stratagem.scaling.ladder import design_ladder, write_ladder
+
+    config = load_config(args.config, overrides)
+    ladder = design_ladder(config, args.budget, sizes=args.sizes, span=args.span,
+                           branches=config.train.schedule == "wsd", family=args.family)
+    path = write_ladder(ladder, args.out)
+    print(ladder.table())
+    print(f"ladder          {path} ({len(ladder.runs)} runs); train it with: stratagem scaling run {args.out}")
+    return 0
+
+
+def cmd_scaling_run(args, overrides: list[str]) -> int:
+    from stratagem.launcher.slurm import SlurmJob
+    from stratagem.scaling.sweep import run_ladder, run_task, submit_ladder
+
+    if args.slurm:
+        job = SlurmJob(cpus_per_task=args.cpus_per_task, time=args.time, signal_seconds=args.signal_seconds,
+                       partition=args.partition, account=args.account, sbatch_args=args.sbatch_arg)
+        submit_ladder(args.out, job, dry_run=args.dry_run)
+        return 0
+    summary = run_task(args.out, args.size) if args.size is not None else run_ladder(args.out, args.only or None)
+    print(summary.table())
+    return 0
+
+
+def cmd_scaling_fit(args, overrides: list[str]) -> int:
+    from stratagem.scaling.analysis import FitOptions, analyse
+    from stratagem.scaling.points import ScalingInputError, load_runs, load_table
+    from stratagem.scaling.report import summary, write_report
+
+    pinned = {}
+    for item in args.pin:
+        name, _, value = item.partition("=")
+        try:
+            pinned[name] = float(value)
+        except ValueError:
+            raise ScalingInputError(f"--pin {item!r}: expected NAME=VALUE, e.g. E=1.7") from None
+    options = FitOptions(params=args.params, points=args.points, bootstrap=args.bootstrap, grid=args.grid,
+                         pinned=pinned, target_flops=args.target_flops, mix_tokenizers=args.mix_tokenizers,
+                         seed=args.seed)
+    options.validate()
+    tables = [s for s in args.sources if Path(s).suffix in (".csv", ".jsonl")]
+    if tables and len(tables) != len(args.sources):
+        raise ScalingInputError("give run directories or tables, not both")
+    if tables:
+        points, runs = [p for t in tables for p in load_table(t)], []
+    else:
+        points, runs = load_runs(args.sources, loss=args.loss)
+    analysis = analyse(points, runs, list(args.sources), options)
+    written = write_report(analysis, args.out)
+    print(summary(analysis))
+    print(f"report          {written['report']}")
+    return 0
+
+
 def _config_argument(parser: argparse.ArgumentParser, default: str = DEFAULT_CONFIG) -> None:
     parser.add_argument("config", nargs="?", default=default,
                         help=f"a .toml file or the name of a shipped config (default: {default})")
@@ -491,6 +548,70 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the parallel layout (default: data parallelism over the workers)")
     ray.add_argument("--follow", action="store_true", help="print the job's logs until it ends")
     ray.set_defaults(func=cmd_submit_ray, takes_overrides=True)
+
+    scaling = sub.add_parser("scaling", help="scaling-law ladders and fits").add_subparsers(
+        dest="scaling_command", required=True)
+    ladder = scaling.add_parser("ladder", help="design a sweep of model sizes x compute budgets (IsoFLOP)",
+                                description="Write OUT/ladder.json and one config per run (OUT/configs) from a "
+                                            "base config: sizes spanning --span decades of non-embedding N, each "
+                                            "budget spent by every size that gets enough steps. With "
+                                            "train.schedule = wsd every size trains once and the smaller budgets "
+                                            "are decay branches from its checkpoints.")
+    _config_argument(ladder)
+    ladder.add_argument("--budget", type=float, nargs="+", required=True, metavar="FLOPS",
+                        help="compute budgets in training FLOPs, e.g. 2.5e11 5e11 1e12")
+    ladder.add_argument("--family", default="", metavar="FLAVOR",
+                        help="the model family: a flavor whose shape is the smallest rung (default: the config's model)")
+    ladder.add_argument("--sizes", type=int, default=5, help="model sizes (default 5)")
+    ladder.add_argument("--span", type=float, default=1.5, help="decades of N from smallest to largest (default 1.5)")
+    ladder.add_argument("--out", required=True, help="the ladder's folder")
+    ladder.set_defaults(func=cmd_scaling_ladder, takes_overrides=True)
+
+    run = scaling.add_parser("run", help="train a ladder's runs, here one after another or as a slurm array",
+                             description="Train every run of the ladder in OUT (main runs before their decay "
+                                         "branches), skipping finished runs and resuming partial ones; or with "
+                                         "--slurm submit an array job with one task per size.")
+    run.add_argument("out", help="the ladder's folder (stratagem scaling ladder --out)")
+    run.add_argument("--only", nargs="+", default=[], metavar="RUN", help="train only these runs")
+    run.add_argument("--size", type=int, default=None, help="train one size's runs (a slurm array task)")
+    run.add_argument("--slurm", action="store_true", help="submit the ladder as a slurm array job")
+    run.add_argument("--cpus-per-task", type=int, default=1)
+    run.add_argument("--time", default="01:00:00", help="each task's time limit (default 01:00:00)")
+    run.add_argument("--signal-seconds", type=int, default=120,
+                     help="checkpoint and requeue this long before the time limit (default 120)")
+    run.add_argument("--partition", default="")
+    run.add_argument("--account", default="")
+    run.add_argument("--sbatch-arg", action="append", default=[], metavar="OPTION")
+    run.add_argument("--dry-run", action="store_true", help="with --slurm: print the script, submit nothing")
+    run.set_defaults(func=cmd_scaling_run)
+
+    fit = scaling.add_parser("fit", help="fit scaling laws to run directories or a table; write a report",
+                             description="Approach 3 (L = E + A/N^alpha + B/D^beta, Huber on log loss, L-BFGS "
+                                         "from a grid, bootstrap intervals), approach 2 (IsoFLOP parabolas) and "
+                                         "approach 1 (envelope of training curves), compute-optimal allocation; "
+                                         "writes OUT/report.md, OUT/fit.json and PNG plots.")
+    fit.add_argument("sources", nargs="+", metavar="RUNS_OR_TABLE",
+                     help="run directories, folders of runs (a ladder's OUT/runs), or CSV/JSONL tables with "
+                          "columns params, tokens, loss (flops, run, family, weight optional)")
+    fit.add_argument("--out", required=True, help="the report's folder")
+    fit.add_argument("--params", default="non_embedding", choices=("total", "non_embedding", "active"),
+                     help="which parameter count is N (default non_embedding; active for MoE)")
+    fit.add_argument("--points", default="auto", choices=("auto", "all", "final", "decay-ends"),
+                     help="which points approach 3 and 2 fit (default auto: the ends of decays if any run "
+                          "decays, else all)")
+    fit.add_argument("--loss", default="eval_loss", choices=("eval_loss", "loss"),
+                     help="runs: the held-out loss (default) or the training loss")
+    fit.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    fit.add_argument("--grid", default="default", choices=("default", "hoffmann"),
+                     help="starts of L-BFGS: default 675, hoffmann 4500")
+    fit.add_argument("--pin", action="append", default=[], metavar="NAME=VALUE",
+                     help="hold a parameter of the law, e.g. --pin E=1.69 (repeatable)")
+    fit.add_argument("--target-flops", type=float, default=None,
+                     help="the budget to allocate (default 100 x the largest compute fitted)")
+    fit.add_argument("--mix-tokenizers", action="store_true",
+                     help="fit runs of different tokenizers together (their losses are not comparable)")
+    fit.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
+    fit.set_defaults(func=cmd_scaling_fit)
 
     config = sub.add_parser("config", help="print the resolved config (after flavor and overrides)")
     config.add_argument("config", nargs="?", default=DEFAULT_CONFIG)

@@ -30,6 +30,9 @@ class RunConfig:
     name: str = "demo"
     dir: str = "runs"  # runs are written to <dir>/<name>/
     seed: int = 0  # model init and everything random in training
+    # a checkpoint directory (<run>/checkpoints/step-N) of another run: a run without checkpoints of its own
+    # starts from its weights, optimizer, data position and step N, continuing under this config (a decay branch)
+    init_from: str = ""
 
     def validate(self) -> None:
         if not self.name or "/" in self.name or self.name in (".", ".."):
@@ -256,6 +259,10 @@ def _coerce(value, hint, label: str):
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return list(value)
         raise ConfigError(f"{label} = {value!r}: expected a list of strings")
+    if _list_item_type(hint) is int:
+        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return list(value)
+        raise ConfigError(f"{label} = {value!r}: expected a list of integers")
     raise TypeError(f"unsupported config field type {hint!r} for {label}")  # a bug in a dataclass
 
 

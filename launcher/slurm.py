@@ -78,6 +78,23 @@ def render(job: SlurmJob, name: str, run_dir: Path, python: str = sys.executable
     return script
 
 
+def sbatch_path() -> str:
+    """sbatch's path; SubmitError off a slurm login node."""
+    found = shutil.which("sbatch")
+    if found is None:
+        raise SubmitError("sbatch: not found on PATH; submit from a slurm login node")
+    return found
+
+
+def sbatch(script: Path, args: list[str] = ()) -> str:
+    """Submit `script`; the job id, or SubmitError with sbatch's last line of complaint."""
+    done = subprocess.run([sbatch_path(), "--parsable", *args, str(script)], capture_output=True, text=True)
+    if done.returncode != 0:
+        message = done.stderr.strip() or done.stdout.strip() or f"exit status {done.returncode}"
+        raise SubmitError(message.splitlines()[-1])
+    return done.stdout.strip().split(";")[0]
+
+
 def submit(config, plan, job: SlurmJob, dry_run: bool = False, say=print) -> str | None:
     """Write the job's files into the run directory and sbatch it; the job id (None with `dry_run`,
     which prints the script and writes nothing). Everything `launcher.job.prepare_job` checks is
@@ -88,21 +105,17 @@ def submit(config, plan, job: SlurmJob, dry_run: bool = False, say=print) -> str
     if dry_run:
         say(script)
         return None
-    sbatch = shutil.which("sbatch")
-    if sbatch is None:
-        raise SubmitError("sbatch: not found on PATH; submit from a slurm login node")
+    sbatch_path()
     created = files.write()
     if not (files.run_dir / "slurm").exists():
         created.append(files.run_dir / "slurm")
         (files.run_dir / "slurm").mkdir()
     (files.folder / "train.sbatch").write_text(script)
-    done = subprocess.run([sbatch, "--parsable", *job.sbatch_args, str(files.folder / "train.sbatch")],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
+    try:
+        job_id = sbatch(files.folder / "train.sbatch", job.sbatch_args)
+    except SubmitError:
         remove(created)
-        message = done.stderr.strip() or done.stdout.strip() or f"exit status {done.returncode}"
-        raise SubmitError(message.splitlines()[-1])
-    job_id = done.stdout.strip().split(";")[0]
+        raise
     say(f"submitted job {job_id}: {job.world} ranks ({job.nodes} node(s) x {job.ranks_per_node}), run "
         f"{files.run_dir}, output {files.run_dir / 'slurm' / (job_id + '.out')}")
     return job_id

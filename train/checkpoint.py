@@ -20,6 +20,7 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -45,9 +46,13 @@ class TrainState:
 
 
 class Checkpointer:
-    def __init__(self, folder: Path, keep: int = 0, keep_every: int = 0):
+    """The checkpoints of one run. `keep` newest ones are kept (0: all), and besides them every step
+    that is a multiple of `keep_every` and every step in `keep_steps`. `load` reads any checkpoint
+    directory, this run's or another's (a branch starting from it)."""
+
+    def __init__(self, folder: Path, keep: int = 0, keep_every: int = 0, keep_steps: Iterable[int] = ()):
         self.folder = Path(folder)
-        self.keep, self.keep_every = keep, keep_every
+        self.keep, self.keep_every, self.keep_steps = keep, keep_every, frozenset(keep_steps)
 
     def complete(self) -> list[tuple[int, Path]]:
         """Committed checkpoints, oldest first. A committed one missing its files is an error."""
@@ -132,7 +137,7 @@ class Checkpointer:
         if self.keep <= 0:
             return
         for step, path in self.complete()[:-self.keep]:
-            if not (self.keep_every and step % self.keep_every == 0):
+            if not (self.keep_every and step % self.keep_every == 0) and step not in self.keep_steps:
                 shutil.rmtree(path)
 
 
@@ -151,8 +156,35 @@ def _single_process_quietly():
 
 def check_resumable(path: Path, config: dict) -> None:
     """Refuse a checkpoint of a different model shape before anything is built or written."""
-    saved = Checkpointer.read_meta(path)["config"]["model"]
-    for key, value in config["model"].items():
+    mismatch = _model_mismatch(Checkpointer.read_meta(path)["config"]["model"], config["model"])
+    if mismatch:
+        raise CheckpointError(f"{path}: holds another run's checkpoint ({mismatch}); choose another run.name")
+
+
+def check_branch_point(path: Path, config: dict) -> None:
+    """Check `run.init_from` = `path` before anything is built or written: a complete checkpoint of
+    this config's model shape, before this config's last step."""
+    label = f"run.init_from = {str(path)!r}"
+    if not path.is_dir():
+        raise CheckpointError(f"{label}: no such checkpoint directory")
+    if not _STEP_DIR.match(path.name):
+        raise CheckpointError(f"{label}: not a checkpoint directory (<run>/checkpoints/step-N)")
+    for required in (".metadata", "meta.json"):
+        if not (path / required).is_file():
+            raise CheckpointError(f"{label}: incomplete checkpoint, {required} is missing")
+    meta = Checkpointer.read_meta(path)
+    mismatch = _model_mismatch(meta["config"]["model"], config["model"])
+    if mismatch:
+        raise CheckpointError(f"{label}: a checkpoint of another model shape ({mismatch})")
+    steps = config["train"]["steps"]
+    if meta["step"] >= steps:
+        raise CheckpointError(f"{label}: is at step {meta['step']}, not before this run's last step "
+                              f"(train.steps = {steps})")
+
+
+def _model_mismatch(saved: dict, model: dict) -> str | None:
+    """The first model key (the flavor name aside) whose value differs, described; None if the shapes agree."""
+    for key, value in model.items():
         if key != "flavor" and saved.get(key) != value:
-            raise CheckpointError(f"{path}: holds another run's checkpoint (model.{key} = {saved.get(key)!r}, "
-                                  f"this config has {value!r}); choose another run.name")
+            return f"model.{key} = {saved.get(key)!r}, this config has {value!r}"
+    return None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from stratagem.errors import ConfigValueError
 
@@ -31,6 +31,8 @@ class TrainConfig:
     checkpoint_every: int = 100  # steps between checkpoints; the last step is always saved
     keep_checkpoints: int = 2  # newest checkpoints kept; 0 keeps all
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0: none
+    # also write a checkpoint at these steps and never delete it: where a scaling ladder's decays branch off
+    keep_steps: list[int] = field(default_factory=list)
     log_every: int = 10  # steps between log lines when output is not a terminal
     peak_flops: float = 1.0e11  # per-device peak FLOP/s that model FLOPs utilisation is measured against
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
@@ -64,6 +66,10 @@ class TrainConfig:
             raise ConfigValueError("autocast", self.autocast, f"must be one of {', '.join(AUTOCAST)}")
         if self.peak_flops <= 0:
             raise ConfigValueError("peak_flops", self.peak_flops, "must be positive")
+        for step in self.keep_steps:
+            if not 0 < step < self.steps:
+                raise ConfigValueError("keep_steps", self.keep_steps, f"step {step} is not in 1..{self.steps - 1} "
+                                       f"(steps = {self.steps} is always kept)")
 
     def accumulation_steps(self, seq_len: int) -> int:
         """Micro-batches per optimizer step; `global_batch_tokens` must be a whole number of them."""

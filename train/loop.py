@@ -20,7 +20,8 @@ from stratagem.model import Transformer, count_model
 from stratagem.parallel.plan import Plan, dump_plan
 from stratagem.parallel.runtime import default_plan, parallelize
 from stratagem.train.engine import OneProcess
-from stratagem.train.checkpoint import Checkpointer, TrainState, check_resumable
+from stratagem.train.checkpoint import Checkpointer, TrainState, check_branch_point, check_resumable
+from stratagem.train.config import TrainConfig
 from stratagem.train.metrics import MetricsWriter, peak_memory_bytes, read_metrics
 from stratagem.train.optim import build_optimizer
 from stratagem.train.progress import Progress
@@ -42,7 +43,8 @@ def run_dir_of(config: Config) -> Path:
 
 
 def prepare_run_dir(config: Config, resume: bool) -> Path | None:
-    """Check the run directory before any work: returns the checkpoint to resume from, if any.
+    """Check the run directory before any work: returns the checkpoint to start from, if any: the
+    run's own newest, else `run.init_from` (another run's checkpoint this run branches from).
 
     Without `resume`, a directory that already holds a run is refused rather than overwritten.
     """
@@ -55,7 +57,24 @@ def prepare_run_dir(config: Config, resume: bool) -> Path | None:
                               f"or choose another run.name")
     if latest is not None:
         check_resumable(latest, config.to_dict())
-    return latest
+        return latest
+    if config.run.init_from:
+        init_from = Path(config.run.init_from)
+        check_branch_point(init_from, config.to_dict())
+        return init_from
+    return None
+
+
+def _branch_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                     settings: list[dict], tc: TrainConfig, step: int) -> None:
+    """Put a branch on its own schedule at `step`: the loaded optimizer carries the settings (lr,
+    betas, weight decay ...) of the run it was saved by, so they go back to this config's
+    (`settings`, taken before loading), and the scheduler is set to `step` of this config's schedule,
+    the same state as if this run had stepped it from 0."""
+    lrs = [base * lr_multiplier(tc, step) for base in scheduler.base_lrs]
+    for group, own, lr in zip(optimizer.param_groups, settings, lrs):
+        group.update(own, lr=lr)
+    scheduler.load_state_dict({**scheduler.state_dict(), "last_epoch": step, "_last_lr": lrs})
 
 
 def autocast(config: Config):
@@ -69,7 +88,10 @@ def train(config: Config, resume: bool = False, stop_after: int | None = None,
     """Train `config` to `config.train.steps`, continuing from the newest checkpoint when `resume`.
 
     `stop_after` ends this call after that step with a checkpoint, as a time-boxed job would;
-    resuming later continues exactly as if the run had not stopped. In a process group, every
+    resuming later continues exactly as if the run had not stopped. A run without checkpoints of its
+    own but with `run.init_from` starts from that checkpoint of another run: its weights, optimizer
+    moments, data position, RNG and step N, then steps N+1.. under this config's own schedule and
+    optimizer settings (a wsd decay branched off a longer run's stable phase). In a process group, every
     rank calls it with the same `plan` (`parallel.runtime`; default: plain data parallelism,
     `default_plan`); rank 0 writes the metrics and files, all ranks write the checkpoints.
     `stop` (`train.preemption.StopSignals`) is asked after every step: once a rank has received a
@@ -102,15 +124,20 @@ def train(config: Config, resume: bool = False, stop_after: int | None = None,
     held_out = build_eval_batches(config.data, tc.micro_batch_size, tc.eval_batches)  # the same set under any plan
     if dist.is_initialized():  # in micro-batches of the plan's size (`check_train_plan` checked they divide)
         held_out = list(torch.cat(held_out).split(micro_batch_size))
-    checkpointer = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints, keep_every=tc.keep_every)
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints, keep_every=tc.keep_every,
+                                keep_steps=tc.keep_steps)
 
     start = 0
     if latest is not None:
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         template = TrainState(step=0, loader=batches.state_dict(), scheduler=scheduler.state_dict())
         state = checkpointer.load(latest, engine.state_module, optimizer, template)
-        scheduler.load_state_dict(state.scheduler)
         batches.load_state_dict(state.loader)
         start = state.step
+        if latest.parent == run_dir / "checkpoints":
+            scheduler.load_state_dict(state.scheduler)
+        else:  # run.init_from: another run's checkpoint
+            _branch_schedule(optimizer, scheduler, settings, tc, start)
 
     counts = count_model(config.model, config.data.seq_len)
     writer = not dist.is_initialized() or dist.get_rank() == 0
@@ -158,7 +185,8 @@ def train(config: Config, resume: bool = False, stop_after: int | None = None,
             if stopped:
                 stop.arm_watchdog()
                 progress.note(f"stopping after step {step} ({stopped}): writing a checkpoint")
-            if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == last or stopped:
+            if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == last or stopped \
+                    or step in checkpointer.keep_steps:
                 state = TrainState(step=step, loader=batches.state_dict(), scheduler=scheduler.state_dict())
                 checkpoint = checkpointer.save(step, engine.state_module, optimizer, state, config.to_dict())
                 if report is not None:
