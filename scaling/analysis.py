@@ -93,6 +93,7 @@ def analyse(points: list[Point], runs: list[RunInfo], sources: list[str], option
                                       target_flops=target))
         except ScalingInputError as err:
             notes.append(f"approach {name} not applied: {err}")
+    notes += _undetermined(law)
     families: dict[str, ParametricFit] = {}
     names = sorted({p.family for p in chosen})
     if len(names) > 1:
@@ -104,3 +105,14 @@ def analyse(points: list[Point], runs: list[RunInfo], sources: list[str], option
             families[family] = fit_law(as_arrays(subset, options.params), bootstrap=options.bootstrap, **common)
     return Analysis(sources=sources, options=options, points=chosen, curves=points, runs=runs, law=law,
                     frontiers=frontiers, families=families, notes=notes)
+
+
+def _undetermined(law: ParametricFit) -> list[str]:
+    """A warning per parameter whose 95% interval spans more than a decade: the points do not pin it down."""
+    out = []
+    for name in (*NAMES, "a"):
+        estimate = law.estimates[name]
+        if name not in law.pinned and estimate.low > 0 and estimate.high > 10 * estimate.low:
+            out.append(f"{name} is not determined by these points: its 95% interval [{estimate.low:.3g}, "
+                       f"{estimate.high:.3g}] spans more than a decade (add sizes and budgets, or pin it)")
+    return out
