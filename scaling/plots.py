@@ -36,11 +36,15 @@ def loss_vs_compute(arrays: Arrays, law: ParametricFit, frontiers: list[Frontier
     k = law.flops_per_param_token
     c = np.geomspace(arrays.c.min(), max(arrays.c.max(), law.target_flops), 200)
     ax.plot(c, law.law.optimal_loss(c, k), "k--", lw=1.2, label="approach 3: L(N_opt(C), D_opt(C))")
-    ax.axhline(law.law.E, color="grey", lw=0.8, ls=":", label=f"fitted E = {law.law.E:.3f}")
+    floors = [arrays.loss.min()]
+    if law.law.E > 0.5 * arrays.loss.min():  # a fitted E far below every loss would squash the plot
+        ax.axhline(law.law.E, color="grey", lw=0.8, ls=":", label=f"fitted E = {law.law.E:.3f}")
+        floors.append(law.law.E)
     if entropy is not None:
         ax.axhline(entropy, color="tab:red", lw=0.8, ls="-.", label=f"corpus entropy {entropy:.3f}")
+        floors.append(entropy)
     ax.set(xscale="log", yscale="log", xlabel="compute C (FLOPs)", ylabel="loss (nats/token)",
-           title="Loss against compute")
+           title=f"Loss against compute (fitted E = {law.law.E:.3g})", ylim=(0.9 * min(floors), 1.1 * arrays.loss.max()))
     ax.legend(fontsize=8)
     return _save(fig, path)
 

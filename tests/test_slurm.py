@@ -111,3 +111,26 @@ def test_bad_input_is_refused_before_anything_is_submitted(cluster, runs):
     missing = subprocess.run([sys.executable, "-m", "stratagem.launcher.cli", "submit", "slurm", *OVERRIDES,
                               f"--run.dir={runs}", "--run.name=nosbatch"], env=env, capture_output=True, text=True)
     assert missing.returncode == 2 and "sbatch: not found on PATH" in missing.stderr
+
+
+def test_a_ladder_trains_as_an_array_job_one_task_per_size(cluster, tmp_path):
+    """`stratagem scaling run --slurm`: 2 sizes x 2 budgets as a 2-task array; each task trains its
+    size's main run and decay branch to the end."""
+    from stratagem.scaling.ladder import design_ladder, write_ladder
+
+    base = load_config(None, ["--model.flavor=tiny", "--data.seq_len=32", "--train.micro_batch_size=4",
+                              "--train.global_batch_tokens=256", "--train.schedule=wsd", "--train.warmup_steps=2",
+                              "--train.eval_every=0", "--train.eval_batches=2", "--train.decay_fraction=0.25",
+                              "--train.threads=1"])
+    ladder = design_ladder(base, [4e9, 8e9], sizes=2, span=0.5, min_steps=6)
+    write_ladder(ladder, tmp_path / "ladder")
+    done = subprocess.run([sys.executable, "-m", "stratagem.launcher.cli", "scaling", "run", str(tmp_path / "ladder"),
+                           "--slurm", "--time", "10"], env=cluster.env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    array = done.stdout.split("submitted array job ")[1].split(":")[0]
+    states = [cluster.wait_job(f"{array}_{task}", timeout=600) for task in range(2)]
+    logs = "\n".join(p.read_text() for p in sorted((tmp_path / "ladder" / "slurm").glob("*.out")))
+    assert states == ["COMPLETED", "COMPLETED"], logs
+    for run in ladder.runs:
+        assert [r["step"] for r in read_metrics(tmp_path / "ladder" / "runs" / run.name)] == \
+            list(range(run.branch_step + 1, run.steps + 1)), logs
