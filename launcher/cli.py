@@ -260,14 +260,12 @@ def cmd_plan_search(args, overrides: list[str]) -> int:
 
 def cmd_submit_slurm(args, overrides: list[str]) -> int:
     from stratagem.launcher.config import load_config
-    from stratagem.launcher.slurm import SlurmJob, submit
+    from stratagem.launcher.slurm import submit
     from stratagem.parallel.plan import load_plan
     from stratagem.parallel.runtime import default_plan
 
     config = load_config(args.config, overrides)
-    job = SlurmJob(nodes=args.nodes, ranks_per_node=args.ranks_per_node, cpus_per_task=args.cpus_per_task,
-                   time=args.time, signal_seconds=args.signal_seconds, partition=args.partition,
-                   account=args.account, sbatch_args=args.sbatch_arg)
+    job = _slurm_job(args, nodes=args.nodes, ranks_per_node=args.ranks_per_node)
     job.validate()
     plan = load_plan(args.plan) if args.plan else default_plan(config, job.world)
     submit(config, plan, job, dry_run=args.dry_run)
@@ -300,13 +298,10 @@ def cmd_scaling_ladder(args, overrides: list[str]) -> int:
 
 
 def cmd_scaling_run(args, overrides: list[str]) -> int:
-    from stratagem.launcher.slurm import SlurmJob
     from stratagem.scaling.sweep import run_ladder, run_task, submit_ladder
 
     if args.slurm:
-        job = SlurmJob(cpus_per_task=args.cpus_per_task, time=args.time, signal_seconds=args.signal_seconds,
-                       partition=args.partition, account=args.account, sbatch_args=args.sbatch_arg)
-        submit_ladder(args.out, job, dry_run=args.dry_run)
+        submit_ladder(args.out, _slurm_job(args), dry_run=args.dry_run)
         return 0
     summary = run_task(args.out, args.size) if args.size is not None else run_ladder(args.out, args.only or None)
     print(summary.table())
@@ -341,6 +336,26 @@ def cmd_scaling_fit(args, overrides: list[str]) -> int:
     print(summary(analysis))
     print(f"report          {written['report']}")
     return 0
+
+
+def _slurm_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """The batch-job options `submit slurm` and `scaling run --slurm` share (launcher.slurm.SlurmJob)."""
+    parser.add_argument("--cpus-per-task", type=int, default=1)
+    parser.add_argument("--time", default="01:00:00", help="the job's (each task's) time limit (default 01:00:00)")
+    parser.add_argument("--signal-seconds", type=int, default=120,
+                        help="checkpoint and requeue this long before the time limit (default 120)")
+    parser.add_argument("--partition", default="")
+    parser.add_argument("--account", default="")
+    parser.add_argument("--sbatch-arg", action="append", default=[], metavar="OPTION",
+                        help="one more sbatch option, e.g. --sbatch-arg=--qos=high (repeatable)")
+    parser.add_argument("--dry-run", action="store_true", help="print the batch script; write and submit nothing")
+
+
+def _slurm_job(args, **shape):
+    from stratagem.launcher.slurm import SlurmJob
+
+    return SlurmJob(cpus_per_task=args.cpus_per_task, time=args.time, signal_seconds=args.signal_seconds,
+                    partition=args.partition, account=args.account, sbatch_args=args.sbatch_arg, **shape)
 
 
 def _config_argument(parser: argparse.ArgumentParser, default: str = DEFAULT_CONFIG) -> None:
@@ -523,17 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_argument(slurm)
     slurm.add_argument("--nodes", type=int, default=1)
     slurm.add_argument("--ranks-per-node", type=int, default=1, help="tasks (ranks) per node (default 1)")
-    slurm.add_argument("--cpus-per-task", type=int, default=1)
-    slurm.add_argument("--time", default="01:00:00", help="the job's time limit (default 01:00:00)")
-    slurm.add_argument("--signal-seconds", type=int, default=120,
-                       help="checkpoint and requeue this long before the time limit (default 120)")
-    slurm.add_argument("--partition", default="")
-    slurm.add_argument("--account", default="")
+    _slurm_job_arguments(slurm)
     slurm.add_argument("--plan", default=None, metavar="PLAN_JSON",
                        help="the parallel layout (default: data parallelism over all ranks)")
-    slurm.add_argument("--sbatch-arg", action="append", default=[], metavar="OPTION",
-                       help="one more sbatch option, e.g. --sbatch-arg=--qos=high (repeatable)")
-    slurm.add_argument("--dry-run", action="store_true", help="print the batch script; write and submit nothing")
     slurm.set_defaults(func=cmd_submit_slurm, takes_overrides=True)
 
     ray = submit.add_parser("ray", help="submit a run to a Ray cluster, trained by Ray Train workers",
@@ -575,14 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only", nargs="+", default=[], metavar="RUN", help="train only these runs")
     run.add_argument("--size", type=int, default=None, help="train one size's runs (a slurm array task)")
     run.add_argument("--slurm", action="store_true", help="submit the ladder as a slurm array job")
-    run.add_argument("--cpus-per-task", type=int, default=1)
-    run.add_argument("--time", default="01:00:00", help="each task's time limit (default 01:00:00)")
-    run.add_argument("--signal-seconds", type=int, default=120,
-                     help="checkpoint and requeue this long before the time limit (default 120)")
-    run.add_argument("--partition", default="")
-    run.add_argument("--account", default="")
-    run.add_argument("--sbatch-arg", action="append", default=[], metavar="OPTION")
-    run.add_argument("--dry-run", action="store_true", help="with --slurm: print the script, submit nothing")
+    _slurm_job_arguments(run)
     run.set_defaults(func=cmd_scaling_run)
 
     fit = scaling.add_parser("fit", help="fit scaling laws to run directories or a table; write a report",

@@ -8,3 +8,17 @@ variable is therefore set here, before any test module is collected."""
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread, and one competing with other processes for
+    the two cores made training tests several times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

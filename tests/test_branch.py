@@ -5,7 +5,6 @@ import re
 import shutil
 
 import pytest
-import torch
 
 from stratagem.errors import CheckpointError, ConfigError
 from stratagem.launcher.config import load_config
@@ -20,16 +19,6 @@ STEPS, DECAY, LONG = 8, 2, 12  # the run S, its decay K, the long run L it is br
 BRANCH_STEP = STEPS - DECAY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models gain nothing from a second thread, and one competing with other processes for
-    the two cores made these runs several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def config_of(tmp_path, name, *overrides):

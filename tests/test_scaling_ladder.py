@@ -7,7 +7,6 @@ import math
 import re
 
 import pytest
-import torch
 
 from stratagem.errors import ConfigError
 from stratagem.launcher.config import load_config
@@ -19,16 +18,6 @@ from stratagem.train.metrics import read_metrics
 from stratagem.train.schedule import lr_multiplier
 
 BUDGETS = [1e12, 3e12, 1e13]
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models gain nothing from a second thread, and one competing with other processes for
-    the two cores made these runs several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def demo(*overrides):
