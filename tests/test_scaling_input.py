@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 
@@ -9,8 +10,10 @@ import pytest
 
 from stratagem.launcher.cli import main
 from stratagem.scaling.analysis import FitOptions, analyse, choose_points
-from stratagem.scaling.points import (Point, ScalingInputError, check_points, load_table, model_family, select)
+from stratagem.scaling.points import (Point, ScalingInputError, check_points, load_runs, load_table, model_family,
+                                      select)
 from stratagem.scaling.report import write_report
+from stratagem.train.metrics import read_metrics
 from tests.scaling_data import LAWS, law_points
 
 
@@ -159,3 +162,39 @@ def test_cli_refuses_bad_input_in_one_line(tmp_path, capsys):
     good = write_csv(tmp_path / "g.csv", rows)
     assert main(["scaling", "fit", str(good), "--out", str(tmp_path / "r"), "--pin", "E"]) == 2
     assert "--pin 'E': expected NAME=VALUE" in capsys.readouterr().err
+
+
+def tiny_run(tmp_path, name, *overrides):
+    from stratagem.launcher.config import load_config
+    from stratagem.train.loop import train
+
+    config = load_config(None, ["--model.flavor=tiny", "--data.seq_len=32", "--train.micro_batch_size=4",
+                                "--train.global_batch_tokens=256", "--train.steps=12", "--train.warmup_steps=2",
+                                "--train.eval_every=4", "--train.eval_batches=1", "--train.checkpoint_every=0",
+                                f"--run.dir={tmp_path}", f"--run.name={name}", *overrides])
+    train(config, progress_stream=io.StringIO())
+    return tmp_path / name
+
+
+def test_run_directories_give_every_eval_point_with_the_models_own_counts(tmp_path, one_thread):
+    run = tiny_run(tmp_path, "a")
+    points, runs = load_runs([tmp_path])  # a folder of runs
+    counts = json.loads((run / "model_counts.json").read_text())
+    assert [p.step for p in points] == [4, 8, 12] and [p.final for p in points] == [False, False, True]
+    for p in points:
+        assert p.tokens == 256 * p.step and p.flops == counts["train_flops_per_token"] * p.tokens
+        assert p.params == {k: counts[f"{k}_params"] for k in ("total", "non_embedding", "active")}
+        assert p.family == "dense" and p.tokenizer and p.phase == "decay"
+    assert [p.loss for p in points] == [r["eval_loss"] for r in read_metrics(run) if "eval_loss" in r]
+    assert runs[0].entropy is not None and runs[0].entropy > 0
+    train_points, _ = load_runs([run], loss="loss")
+    assert len(train_points) == 12
+
+
+def test_runs_on_different_tokenizers_are_refused_unless_asked(tmp_path, one_thread):
+    tiny_run(tmp_path, "a")
+    tiny_run(tmp_path, "b", "--data.synthetic.seed=7")  # another corpus: another tokenizer card
+    points, _ = load_runs([tmp_path / "a", tmp_path / "b"])
+    with pytest.raises(ScalingInputError, match="runs use different tokenizers .*a: .*b: .*--mix-tokenizers"):
+        check_points(points, 0)
+    check_points(points, 0, mix_tokenizers=True)
