@@ -298,10 +298,13 @@ def cmd_scaling_ladder(args, overrides: list[str]) -> int:
 
 
 def cmd_scaling_run(args, overrides: list[str]) -> int:
-    from stratagem.scaling.sweep import run_ladder, run_task, submit_ladder
+    from stratagem.scaling.sweep import run_ladder, run_task, submit_ladder, submit_ladder_ray
 
     if args.slurm:
         submit_ladder(args.out, _slurm_job(args), dry_run=args.dry_run)
+        return 0
+    if args.ray:
+        submit_ladder_ray(args.out, args.ray, follow=args.follow)
         return 0
     summary = run_task(args.out, args.size) if args.size is not None else run_ladder(args.out, args.only or None)
     print(summary.table())
@@ -577,11 +580,16 @@ def build_parser() -> argparse.ArgumentParser:
     run = scaling.add_parser("run", help="train a ladder's runs, here one after another or as a slurm array",
                              description="Train every run of the ladder in OUT (main runs before their decay "
                                          "branches), skipping finished runs and resuming partial ones; or with "
-                                         "--slurm submit an array job with one task per size.")
+                                         "--slurm submit an array job with one task per size, with --ray one Ray "
+                                         "job per size.")
     run.add_argument("out", help="the ladder's folder (stratagem scaling ladder --out)")
     run.add_argument("--only", nargs="+", default=[], metavar="RUN", help="train only these runs")
     run.add_argument("--size", type=int, default=None, help="train one size's runs (a slurm array task)")
     run.add_argument("--slurm", action="store_true", help="submit the ladder as a slurm array job")
+    run.add_argument("--ray", default="", metavar="ADDRESS",
+                     help="submit one Ray job per size to the cluster at ADDRESS (its dashboard, e.g. "
+                          "http://127.0.0.1:8265)")
+    run.add_argument("--follow", action="store_true", help="with --ray: print the jobs' logs until they end")
     _slurm_job_arguments(run)
     run.set_defaults(func=cmd_scaling_run)
 

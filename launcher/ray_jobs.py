@@ -27,15 +27,10 @@ FINISHED = ("SUCCEEDED", "FAILED", "STOPPED")
 def submit(config, plan, address: str, workers: int, follow: bool = False, say=print) -> str:
     """Submit the run to the Ray cluster at `address` (its dashboard, e.g. http://127.0.0.1:8265); the
     submission id. With `follow`, print the job's logs until it ends and raise if it did not succeed."""
-    from ray.job_submission import JobSubmissionClient
-
     if workers < 1:
         raise SubmitError(f"--workers {workers}: must be at least 1")
     job = prepare_job(config, plan, workers)
-    try:
-        client = JobSubmissionClient(address)
-    except Exception as err:  # ConnectionError, or Ray's RuntimeError around it
-        raise SubmitError(f"{address}: no Ray cluster reachable there ({_first_line(err)})") from None
+    client = connect(address)
     created = job.write()
     try:
         submission = client.submit_job(
@@ -46,13 +41,24 @@ def submit(config, plan, address: str, workers: int, follow: bool = False, say=p
         raise SubmitError(f"{address}: the job was refused ({_first_line(err)})") from None
     say(f"submitted Ray job {submission}: {workers} workers, run {job.run_dir}")
     if follow:
-        status = _follow(client, submission, say)
+        status = follow_job(client, submission, say)
         if status != "SUCCEEDED":
             raise SubmitError(f"Ray job {submission} ended {status}")
     return submission
 
 
-def _follow(client, submission: str, say) -> str:
+def connect(address: str):
+    """A JobSubmissionClient of the Ray cluster at `address`; SubmitError in one line if none answers."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as err:  # ConnectionError, or Ray's RuntimeError around it
+        raise SubmitError(f"{address}: no Ray cluster reachable there ({_first_line(err)})") from None
+
+
+def follow_job(client, submission: str, say) -> str:
+    """Print the job's logs as they grow until it ends; its final status."""
     printed = 0
     while True:
         status = str(client.get_job_status(submission).value)

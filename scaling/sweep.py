@@ -197,3 +197,31 @@ def submit_ladder(out_dir: str | Path, job: SlurmJob, dry_run: bool = False, say
     job_id = sbatch(out_dir / "ladder.sbatch", job.sbatch_args)
     say(f"submitted array job {job_id}: {load_ladder(out_dir).sizes} tasks, one per size; output {out_dir / 'slurm'}")
     return job_id
+
+
+def submit_ladder_ray(out_dir: str | Path, address: str, follow: bool = False, say=print) -> list[str]:
+    """Submit one Ray job per size to the cluster at `address` (`scaling run OUT --size I`, one CPU
+    each, OUT on storage the cluster sees); their submission ids. With `follow`, wait for all of
+    them, printing their logs, and raise if one did not succeed."""
+    from stratagem.launcher.job import SubmitError
+    from stratagem.launcher.ray_jobs import connect, follow_job
+
+    out_dir = Path(out_dir).resolve()
+    ladder = load_ladder(out_dir)
+    client = connect(address)
+    submissions = []
+    for size in range(ladder.sizes):
+        entrypoint = (f"{shlex.quote(sys.executable)} -m stratagem.launcher.cli scaling run "
+                      f"{shlex.quote(str(out_dir))} --size {size}")
+        try:
+            submissions.append(client.submit_job(entrypoint=entrypoint, entrypoint_num_cpus=1))
+        except Exception as err:
+            raise SubmitError(f"{address}: the job of size {size} was refused ({str(err).strip().splitlines()[0]})") \
+                from None
+        say(f"submitted Ray job {submissions[-1]}: size {size} of {out_dir}")
+    if follow:
+        for size, submission in enumerate(submissions):
+            status = follow_job(client, submission, say)
+            if status != "SUCCEEDED":
+                raise SubmitError(f"Ray job {submission} (size {size}) ended {status}")
+    return submissions

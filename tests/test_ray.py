@@ -118,3 +118,25 @@ def test_an_unreachable_address_is_one_line_and_submits_nothing(tmp_path):
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "no Ray cluster reachable there" in done.stderr
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_ladder_runs_as_one_ray_job_per_size(head, tmp_path):
+    """`stratagem scaling run --ray`: 2 sizes x 2 budgets, one job per size training its main run and
+    its decay branch to the end."""
+    from stratagem.launcher.config import load_config
+    from stratagem.scaling.ladder import design_ladder, write_ladder
+
+    address, env = head
+    base = load_config(None, ["--model.flavor=tiny", "--data.seq_len=32", "--train.micro_batch_size=4",
+                              "--train.global_batch_tokens=256", "--train.schedule=wsd", "--train.warmup_steps=2",
+                              "--train.eval_every=0", "--train.eval_batches=2", "--train.decay_fraction=0.25",
+                              "--train.threads=1"])
+    ladder = design_ladder(base, [4e9, 8e9], sizes=2, span=0.5, min_steps=6)
+    write_ladder(ladder, tmp_path / "ladder")
+    done = subprocess.run([sys.executable, "-m", "stratagem.launcher.cli", "scaling", "run", str(tmp_path / "ladder"),
+                           "--ray", address, "--follow"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("submitted Ray job") == 2
+    for run in ladder.runs:
+        assert [r["step"] for r in read_metrics(tmp_path / "ladder" / "runs" / run.name)] == \
+            list(range(run.branch_step + 1, run.steps + 1)), done.stdout[-3000:]
