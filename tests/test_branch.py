@@ -98,6 +98,12 @@ def test_a_bad_branch_point_is_refused_before_anything_is_written(tmp_path):
         train(branch_config(tmp_path, init_from, "--model.dim=128", "--model.ffn_hidden=384"))
     with pytest.raises(CheckpointError, match="is at step 6, not before this run's last step"):
         train(branch_config(tmp_path, init_from, "--train.steps=6", "--train.decay_fraction=0.5"))
+    for override, message in (("--train.global_batch_tokens=512", "train.global_batch_tokens = 256, this config "
+                                                                   "has 512"),
+                              ("--data.seq_len=64", "data.seq_len = 32, this config has 64"),
+                              ("--run.seed=3", "run.seed = 0, this config has 3")):
+        with pytest.raises(CheckpointError, match=re.escape(f"read its data otherwise ({message}); a branch")):
+            train(branch_config(tmp_path, init_from, override))
     assert not (tmp_path / "branch").exists()
 
 

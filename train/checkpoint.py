@@ -176,10 +176,26 @@ def check_branch_point(path: Path, config: dict) -> None:
     mismatch = _model_mismatch(meta["config"]["model"], config["model"])
     if mismatch:
         raise CheckpointError(f"{label}: a checkpoint of another model shape ({mismatch})")
+    mismatch = _stream_mismatch(meta["config"], config)
+    if mismatch:
+        raise CheckpointError(f"{label}: saved by a run that read its data otherwise ({mismatch}); a branch "
+                              f"continues the same data stream")
     steps = config["train"]["steps"]
     if meta["step"] >= steps:
         raise CheckpointError(f"{label}: is at step {meta['step']}, not before this run's last step "
                               f"(train.steps = {steps})")
+
+
+def _stream_mismatch(saved: dict, config: dict) -> str | None:
+    """The first setting that fixes the data stream's position and tokens per step (the data
+    section, the batch in tokens, the seed) on which a branch differs from its checkpoint's run."""
+    pairs = [(f"data.{k}", saved["data"].get(k), v) for k, v in config["data"].items()]
+    pairs += [("train.global_batch_tokens", saved["train"].get("global_batch_tokens"),
+               config["train"]["global_batch_tokens"]), ("run.seed", saved["run"].get("seed"), config["run"]["seed"])]
+    for key, theirs, ours in pairs:
+        if theirs != ours:
+            return f"{key} = {theirs!r}, this config has {ours!r}"
+    return None
 
 
 def _model_mismatch(saved: dict, model: dict) -> str | None:
