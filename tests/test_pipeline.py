@@ -166,10 +166,9 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).norm() / expected.norm()).item()
 
 
-def assert_matches_reference(records: list[dict], name: str, where: str) -> None:
+def assert_matches(records: list[dict], expected: dict, where: str) -> None:
     """Every rank's losses and norms, and the union of their gradients and parameters, equal one
-    process's to 1e-4 relative; a tied weight's two copies both do."""
-    expected = reference(name)
+    process's (`expected`) to 1e-4 relative; a tied weight's two copies both do."""
     for record in records:
         for key in ("losses", "norms"):
             assert record[key] == pytest.approx(expected[key], rel=1e-4), f"{where}: {key}"
@@ -191,8 +190,8 @@ CASES.append(("tiny-tied", "interleaved_1f1b"))
 @pytest.mark.parametrize("world", [2, 4])
 def test_every_schedule_trains_like_one_process(world):
     for case in CASES:
-        assert_matches_reference([ranks["cases"][case] for ranks in launch(world)], case[0],
-                                 f"pp {world}, {case}, {describe(SEED)}")
+        assert_matches([ranks["cases"][case] for ranks in launch(world)], reference(case[0]),
+                       f"pp {world}, {case}, {describe(SEED)}")
 
 
 def test_runtime_errors_are_one_line_on_every_rank():

@@ -15,6 +15,7 @@ import pytest
 
 from stratagem.launcher.local import free_port
 from stratagem.train.metrics import read_metrics
+from tests.scaling_data import write_tiny_ladder
 
 pytestmark = pytest.mark.slow
 STEPS = 240
@@ -123,16 +124,8 @@ def test_an_unreachable_address_is_one_line_and_submits_nothing(tmp_path):
 def test_a_ladder_runs_as_one_ray_job_per_size(head, tmp_path):
     """`stratagem scaling run --ray`: 2 sizes x 2 budgets, one job per size training its main run and
     its decay branch to the end."""
-    from stratagem.launcher.config import load_config
-    from stratagem.scaling.ladder import design_ladder, write_ladder
-
     address, env = head
-    base = load_config(None, ["--model.flavor=tiny", "--data.seq_len=32", "--train.micro_batch_size=4",
-                              "--train.global_batch_tokens=256", "--train.schedule=wsd", "--train.warmup_steps=2",
-                              "--train.eval_every=0", "--train.eval_batches=2", "--train.decay_fraction=0.25",
-                              "--train.threads=1"])
-    ladder = design_ladder(base, [4e9, 8e9], sizes=2, span=0.5, min_steps=6)
-    write_ladder(ladder, tmp_path / "ladder")
+    ladder = write_tiny_ladder(tmp_path / "ladder", "--train.threads=1")
     done = subprocess.run([sys.executable, "-m", "stratagem.launcher.cli", "scaling", "run", str(tmp_path / "ladder"),
                            "--ray", address, "--follow"], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -24,7 +24,7 @@ from stratagem.train.config import TrainConfig
 from stratagem.train.engine import loss_fn
 from stratagem.train.optim import build_optimizer
 from tests.distributed import run_ranks
-from tests.test_pipeline import seeded_model
+from tests.test_pipeline import assert_matches, seeded_model
 from tests.test_pipeline import step_batches as pipeline_step_batches
 from tests.seeds import describe, fresh_seed
 
@@ -123,25 +123,6 @@ def scenarios(rank: int, world: int, cases: dict, seed: int) -> dict:
     return {case: trained(rank, plan, name, seed) for case, (name, plan) in cases.items()}
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).norm() / expected.norm()).item()
-
-
-def assert_matches_reference(records: list[dict], name: str, where: str) -> None:
-    expected = reference(name)
-    for record in records:
-        for key in ("losses", "norms"):
-            assert record[key] == pytest.approx(expected[key], rel=1e-4), f"{where}: {key}"
-    for key in ("grads", "params"):
-        seen = set()
-        for record in records:
-            for param, value in record[key].items():
-                error = relative_error(value, expected[key][param])
-                assert error < 1e-4, f"{where}: {key} of {param} differ by {error:.2e} (relative)"
-                seen.add(param)
-        assert seen == set(expected[key]), f"{where}: {key} missing for {set(expected[key]) - seen}"
-
-
 def model_cases(world: int, stem: str, kv4: bool = False, **kwargs) -> dict:
     """One plan on the dense, hybrid and MoE tiny models."""
     names = [f"{name}-kv4" if kv4 else name for name in ("tiny", "tiny-hybrid", "tiny-moe")]
@@ -186,4 +167,4 @@ def launch(world: int) -> list[dict]:
                                         for world in CASES for case in CASES[world]])
 def test_plan_trains_like_one_process(world, case):
     name = CASES[world][case][0]
-    assert_matches_reference([ranks[case] for ranks in launch(world)], name, f"{case}, {describe(SEED)}")
+    assert_matches([ranks[case] for ranks in launch(world)], reference(name), f"{case}, {describe(SEED)}")

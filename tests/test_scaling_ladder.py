@@ -16,6 +16,7 @@ from stratagem.scaling.ladder import config_path, design_ladder, load_ladder, wr
 from stratagem.scaling.sweep import run_ladder, slurm_array_script, task_stop_file
 from stratagem.train.metrics import read_metrics
 from stratagem.train.schedule import lr_multiplier
+from tests.scaling_data import write_tiny_ladder
 
 BUDGETS = [1e12, 3e12, 1e13]
 
@@ -179,14 +180,9 @@ class StopAt:
 def test_a_tiny_ladder_runs_end_to_end(tmp_path, one_thread):
     """2 sizes x 2 budgets on the tiny model: per size a main run and one decay branch; stopped in
     the first run (asked before it and after each of its steps), then resumed to the end."""
-    base = load_config(None, [
-        "--model.flavor=tiny", "--data.seq_len=32", "--train.micro_batch_size=4", "--train.global_batch_tokens=256",
-        "--train.schedule=wsd", "--train.warmup_steps=2", "--train.eval_every=0", "--train.eval_batches=2",
-        "--train.decay_fraction=0.25"])
-    ladder = design_ladder(base, [4e9, 8e9], sizes=2, span=0.5, min_steps=6)
+    ladder = write_tiny_ladder(tmp_path)
     assert [(run.name, run.steps, run.branch_step) for run in ladder.runs] == [
         ("s0-8e9", 44, 0), ("s0-4e9", 22, 16), ("s1-8e9", 14, 0), ("s1-4e9", 7, 5)]
-    write_ladder(ladder, tmp_path)
     with pytest.raises(ConfigError, match="run s0-4e9: branches from s0-8e9 at step 16; train s0-8e9 first"):
         run_ladder(tmp_path, only=["s0-4e9"])
     said = []

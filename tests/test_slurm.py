@@ -13,6 +13,7 @@ import pytest
 from stratagem.launcher.config import load_config
 from stratagem.train.loop import train
 from stratagem.train.metrics import read_metrics
+from tests.scaling_data import write_tiny_ladder
 from tests.slurm_cluster import SlurmCluster, ensure_slurm_installed
 
 pytestmark = pytest.mark.slow
@@ -116,14 +117,7 @@ def test_bad_input_is_refused_before_anything_is_submitted(cluster, runs):
 def test_a_ladder_trains_as_an_array_job_one_task_per_size(cluster, tmp_path):
     """`stratagem scaling run --slurm`: 2 sizes x 2 budgets as a 2-task array; each task trains its
     size's main run and decay branch to the end."""
-    from stratagem.scaling.ladder import design_ladder, write_ladder
-
-    base = load_config(None, ["--model.flavor=tiny", "--data.seq_len=32", "--train.micro_batch_size=4",
-                              "--train.global_batch_tokens=256", "--train.schedule=wsd", "--train.warmup_steps=2",
-                              "--train.eval_every=0", "--train.eval_batches=2", "--train.decay_fraction=0.25",
-                              "--train.threads=1"])
-    ladder = design_ladder(base, [4e9, 8e9], sizes=2, span=0.5, min_steps=6)
-    write_ladder(ladder, tmp_path / "ladder")
+    ladder = write_tiny_ladder(tmp_path / "ladder", "--train.threads=1")
     done = subprocess.run([sys.executable, "-m", "stratagem.launcher.cli", "scaling", "run", str(tmp_path / "ladder"),
                            "--slurm", "--time", "10"], env=cluster.env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
