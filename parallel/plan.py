@@ -6,7 +6,8 @@ single-device model. Everything a plan can get wrong is found here, before any p
 the plan against a `ModelConfig`. Each problem is one line naming the file, the key path (e.g.
 ``layers[3].tp``), the value and what is wrong. Importing this module does not import torch.
 
-The document (version 1; every key is required except ``predicted`` and ``notes``)::
+The document (version 1; every key is required except ``engine``, ``tp_impl``, ``predicted`` and
+``notes``)::
 
     {
       "version": 1,
@@ -16,6 +17,9 @@ The document (version 1; every key is required except ``predicted`` and ``notes`
       "embedding": {"tp": 1, "dp": "fsdp"},
       "head": {"tp": 2, "dp": "fsdp"},
       "layers": [{"tp": 1, "dp": "fsdp", "checkpoint": "full", "ep": 1}, ...],
+      "engine": {"kind": "native", "zero_stage": 0, "offload_optimizer": false, "offload_params": false,
+                 "offload_ratio": 1.0, "config": ""},
+      "tp_impl": "dtensor",
       "predicted": {"step_time_s": null, "peak_memory_bytes": null, "stage_peak_memory_bytes": null},
       "notes": ""
     }
@@ -51,6 +55,18 @@ The rules:
   on layers whose feed-forward is ``moe``, and (for now) only with tp 1: a layer's experts are
   split by expert or by width, not both.
 - **Activation checkpointing** per layer: ``none`` or ``full`` (recompute the whole layer).
+- **Engine.** ``native`` is stratagem's runtime (everything above). ``deepspeed`` hands the whole
+  model to DeepSpeed's ZeRO over all ranks: ``zero_stage`` 1 shards optimizer states, 2 also
+  gradients, 3 also parameters; ``offload_optimizer`` keeps optimizer states and their update in
+  host memory, ``offload_params`` (stage 3) the parameters too, and ``offload_ratio`` (stage 3 with
+  optimizer offload) is the fraction of the optimizer's parameter subgroups updated on the host,
+  the rest on the device (ZeRO-Offload++). DeepSpeed plans have no pipeline, tp 1 and ep 1
+  everywhere, and every ``dp`` says what ZeRO does to that layer: ``zero2`` under stages 1 and 2
+  (parameters kept whole), ``fsdp`` under stage 3. ``config`` names a DeepSpeed JSON of the user's,
+  laid over the generated one (it may not contradict the plan). Activation checkpointing applies.
+- **Tensor-parallel implementation** (``tp_impl``): ``dtensor`` (torch's DTensor styles, every
+  layer type in `TP_SHARDS`) or ``megatron`` (megatron-core's ColumnParallelLinear and
+  RowParallelLinear, for the layer types in `MEGATRON_TP`).
 - **Predicted figures** are a planner's: step time in seconds, the highest peak memory of any
   rank in bytes, and per pipeline rank (``degree`` entries) the peak of that rank's stages.
 """
@@ -72,6 +88,11 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
 SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")
 DP_KINDS = ("ddp", "zero2", "fsdp")
 CHECKPOINTS = ("none", "full")
+ENGINES = ("native", "deepspeed")
+ZERO_STAGES = (1, 2, 3)
+TP_IMPLS = ("dtensor", "megatron")
+# The layer types whose linear layers megatron-core's tensor-parallel layers replace (tp_impl "megatron").
+MEGATRON_TP = ("attention", "swa", "mlp")
 
 # Which layer types tensor parallelism can shard, and the model config fields (dotted for nested
 # sections) its degree must divide. A type missing here cannot be sharded: its layers need tp 1.
@@ -126,6 +147,22 @@ class Pipeline:
 
 
 @dataclass
+class Engine:
+    """The library that runs the plan: stratagem's own runtime, or DeepSpeed's ZeRO."""
+
+    kind: str = "native"  # native | deepspeed
+    zero_stage: int = 0  # deepspeed: 1, 2 or 3
+    offload_optimizer: bool = False  # deepspeed: optimizer states and update in host memory
+    offload_params: bool = False  # deepspeed stage 3: parameters in host memory
+    offload_ratio: float = 1.0  # deepspeed stage 3, optimizer offload: share of the update on the host
+    config: str = ""  # deepspeed: the user's DeepSpeed JSON, laid over the generated one
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.kind == "deepspeed"
+
+
+@dataclass
 class Predicted:
     step_time_s: float | None = None
     peak_memory_bytes: int | None = None  # the highest of any rank
@@ -139,6 +176,8 @@ class Plan:
     embedding: Layout
     head: Layout
     layers: list[LayerLayout]
+    engine: Engine = field(default_factory=Engine)
+    tp_impl: str = "dtensor"  # dtensor | megatron
     predicted: Predicted = field(default_factory=Predicted)
     notes: str = ""
     # where the plan came from (its file), for messages; not part of the document
@@ -158,10 +197,13 @@ class Plan:
         return next(s for s, (start, end) in enumerate(self.pipeline.stages) if start <= layer < end)
 
     def to_dict(self) -> dict:
+        """The document; ``engine`` and ``tp_impl`` only when they differ from the native defaults."""
         out = {"version": VERSION}
         for f in dataclasses.fields(self):
-            if f.name != "source":
-                out[f.name] = _plain(getattr(self, f.name))
+            value = getattr(self, f.name)
+            if f.name == "source" or (f.name in _OMITTED_DEFAULTS and value == _OMITTED_DEFAULTS[f.name]):
+                continue
+            out[f.name] = _plain(value)
         return out
 
     def to_json(self) -> str:
@@ -171,6 +213,9 @@ class Plan:
     def validate(self) -> None:
         """Check everything that needs no model; raise `PlanError` for the first problem."""
         _validate(self, _failer(self.source))
+
+
+_OMITTED_DEFAULTS = {"engine": Engine(), "tp_impl": "dtensor"}
 
 
 def _plain(value):
@@ -236,7 +281,7 @@ def dump_plan(plan: Plan, path: str | Path) -> None:
     Path(path).write_text(plan.to_json())
 
 
-_KIND_NAMES = {int: "an integer", float: "a number", str: "a string"}
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
 def _read(value, hint, path: str, source: str):
@@ -258,7 +303,7 @@ def _read(value, hint, path: str, source: str):
             raise PlanError(source, path, value, f"expected an array of {len(args)} items")
         return tuple(_read(item, kind, f"{path}[{i}]", source) for i, (item, kind) in enumerate(zip(value, args)))
     accepted = (int, float) if hint is float else hint
-    if isinstance(value, bool) or not isinstance(value, accepted):
+    if isinstance(value, bool) != (hint is bool) or not isinstance(value, accepted):
         raise PlanError(source, path, value, f"expected {_KIND_NAMES[hint]}")
     return float(value) if hint is float else value
 
@@ -326,7 +371,43 @@ def _validate(plan: Plan, fail) -> None:
         if layer.ep > 1 and layer.tp > 1:
             fail(f"layers[{i}].ep", layer.ep, f"expert parallelism with tp {layer.tp} on the same layer is not "
                                               f"supported yet (experts split by expert or by width, not both); use tp 1")
+    if plan.tp_impl not in TP_IMPLS:
+        fail("tp_impl", plan.tp_impl, f"unknown tensor-parallel implementation; known: {', '.join(TP_IMPLS)}")
+    _validate_engine(plan, fail)
     _validate_predicted(plan.predicted, pipe.degree, fail)
+
+
+def _validate_engine(plan: Plan, fail) -> None:
+    engine = plan.engine
+    if engine.kind not in ENGINES:
+        fail("engine.kind", engine.kind, f"unknown engine; known: {', '.join(ENGINES)}")
+    if not engine.deepspeed:
+        defaults = Engine()
+        for key in ("zero_stage", "offload_optimizer", "offload_params", "offload_ratio", "config"):
+            if getattr(engine, key) != getattr(defaults, key):
+                fail(f"engine.{key}", getattr(engine, key), f"is a DeepSpeed setting; engine.kind is {engine.kind}")
+        return
+    if engine.zero_stage not in ZERO_STAGES:
+        fail("engine.zero_stage", engine.zero_stage, "DeepSpeed's ZeRO stage must be 1, 2 or 3")
+    if engine.offload_params and engine.zero_stage != 3:
+        fail("engine.offload_params", engine.offload_params, f"parameter offload needs ZeRO stage 3, "
+                                                             f"engine.zero_stage is {engine.zero_stage}")
+    if not 0 < engine.offload_ratio <= 1:
+        fail("engine.offload_ratio", engine.offload_ratio, "must lie in (0, 1]")
+    if engine.offload_ratio < 1 and not (engine.zero_stage == 3 and engine.offload_optimizer):
+        fail("engine.offload_ratio", engine.offload_ratio, "a partial host update needs ZeRO stage 3 with "
+                                                           "engine.offload_optimizer")
+    if plan.pipeline.degree != 1:
+        fail("pipeline.degree", plan.pipeline.degree, "the deepspeed engine runs ZeRO data parallelism only; use 1")
+    want = "fsdp" if engine.zero_stage == 3 else "zero2"
+    for key, layout in _layouts(plan):
+        if layout.tp != 1:
+            fail(f"{key}.tp", layout.tp, "the deepspeed engine runs ZeRO data parallelism only; use 1")
+        if layout.dp != want:
+            fail(f"{key}.dp", layout.dp, f"ZeRO stage {engine.zero_stage} {'shards' if want == 'fsdp' else 'keeps'} "
+                                         f"every layer's parameters: use {_show(want)}")
+        if getattr(layout, "ep", 1) != 1:
+            fail(f"{key}.ep", layout.ep, "the deepspeed engine runs ZeRO data parallelism only; use 1")
 
 
 def _positive(fail, section: str, obj, keys: tuple[str, ...]) -> None:
@@ -411,6 +492,12 @@ def check_plan(plan: Plan, model_cfg, world: int | None = None) -> None:
                      f"layer {i}'s feed-forward is {spec.ffn}; expert parallelism needs a moe layer")
             _check_divides(fail, f"layers[{i}].ep", layer.ep, model_cfg, (EP_SHARDS[spec.ffn],),
                            f"layer {i} ({spec.ffn})", "expert parallelism")
+        if plan.tp_impl == "megatron" and layer.tp > 1:
+            for kind in (spec.mixer, spec.ffn):
+                if kind not in MEGATRON_TP:
+                    fail(f"layers[{i}].tp", layer.tp, f"layer {i} ({kind}) has no megatron-core tensor-parallel "
+                                                      f"layers (tp_impl \"megatron\" covers {', '.join(MEGATRON_TP)}); "
+                                                      f"use tp 1 or tp_impl \"dtensor\"")
     for key in ("embedding", "head"):
         _check_divides(fail, f"{key}.tp", getattr(plan, key).tp, model_cfg, ("vocab_size",), f"the {key}",
                        "tensor parallelism")
@@ -490,7 +577,8 @@ def summary(plan: Plan) -> str:
     kinds = [k for k in DP_KINDS if any(layer.dp == k for layer in plan.layers)]
     eps = sorted({layer.ep for layer in plan.layers})
     checkpointed = sum(layer.checkpoint != "none" for layer in plan.layers)
-    return (f"{plan.world_size} ranks = pipeline {pipe.degree} x {plan.stage_size}, "
+    engine = f", {engine_summary(plan.engine)}" if plan.engine.deepspeed else ""
+    return (f"{plan.world_size} ranks = pipeline {pipe.degree} x {plan.stage_size}{engine}, "
             f"{_count(len(plan.layers), 'layer')} in {_count(len(pipe.stages), 'stage')}, "
             f"tp {'/'.join(map(str, tps))}, dp {'/'.join(kinds)}, ep {'/'.join(map(str, eps))}, "
             f"{checkpointed} checkpointed, {_batches(pipe)}")
@@ -517,6 +605,10 @@ def describe(plan: Plan, specs=None) -> str:
         figures.append("by pipeline rank " + ", ".join(map(_gib, p.stage_peak_memory_bytes)))
     if figures:
         lines.append("predicted   " + "; ".join(figures))
+    if plan.engine.deepspeed:
+        lines.append("engine      " + engine_summary(plan.engine))
+    if plan.tp_impl != "dtensor":
+        lines.append(f"tp layers   {plan.tp_impl}")
     if plan.notes:
         lines.append("notes       " + plan.notes)
     lines.append("")
@@ -532,6 +624,21 @@ def describe(plan: Plan, specs=None) -> str:
     table = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in (header, *rows)]
     table.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines + table)
+
+
+def engine_summary(engine: Engine) -> str:
+    """E.g. "deepspeed ZeRO-3, optimizer offloaded (60% of the update on the host), parameters offloaded"."""
+    if not engine.deepspeed:
+        return engine.kind
+    parts = [f"deepspeed ZeRO-{engine.zero_stage}"]
+    if engine.offload_optimizer:
+        share = f" ({engine.offload_ratio:.0%} of the update on the host)" if engine.offload_ratio < 1 else ""
+        parts.append(f"optimizer offloaded{share}")
+    if engine.offload_params:
+        parts.append("parameters offloaded")
+    if engine.config:
+        parts.append(f"over {engine.config}")
+    return ", ".join(parts)
 
 
 def _cells(plan: Plan, layout: Layout) -> tuple[str, str, str]:

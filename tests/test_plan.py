@@ -14,7 +14,7 @@ from stratagem.errors import ConfigError
 from stratagem.launcher.cli import main
 from stratagem.model import get_flavor
 from stratagem.model.config import MoEConfig
-from stratagem.parallel.plan import (LayerLayout, Layout, Pipeline, Plan, PlanError, Predicted, check_plan,
+from stratagem.parallel.plan import (Engine, LayerLayout, Layout, Pipeline, Plan, PlanError, Predicted, check_plan,
                                      dump_plan, even_stages, load_plan, uniform_plan)
 
 EXAMPLES = Path(stratagem.__file__).parent / "examples" / "plans"
@@ -144,6 +144,8 @@ BAD = [
     ("array for object", setting("pipeline", []), "pipeline = []: expected an object"),
     ("stage not a pair", setting("pipeline.stages[1]", [3]), "pipeline.stages[1] = [3]: expected an array of 2 items"),
     ("null for int", setting("head.tp", None), "head.tp = null: expected an integer"),
+    ("bool wanted", setting("engine", {"kind": "deepspeed", "zero_stage": 3, "offload_optimizer": 1}),
+     "engine.offload_optimizer = 1: expected true or false"),
     ("string for figure", setting("predicted.step_time_s", "1s"), 'predicted.step_time_s = "1s": expected a number'),
     # values that need no model
     ("unknown dp kind", setting("layers[2].dp", "zero3"),
@@ -282,6 +284,63 @@ def test_expert_parallelism_rules(plan, model, expected):
     with pytest.raises(PlanError) as info:
         check_plan(plan, model)
     assert one_line(info) == f"plan: {expected}"
+
+
+# --- engines and tensor-parallel implementations ------------------------------------------------
+
+def deepspeed_plan(stage: int = 3, **engine) -> Plan:
+    dp = "fsdp" if stage == 3 else "zero2"
+    return Plan(world_size=4,
+                pipeline=Pipeline(degree=1, stages=[(0, 4)], virtual_stages=1, schedule="1f1b",
+                                  micro_batch_size=4, num_micro_batches=2),
+                embedding=Layout(tp=1, dp=dp), head=Layout(tp=1, dp=dp),
+                layers=[LayerLayout(tp=1, dp=dp, checkpoint="none", ep=1)] * 4,
+                engine=Engine(kind="deepspeed", zero_stage=stage, **engine))
+
+
+def test_deepspeed_plans_round_trip_and_native_ones_leave_the_engine_out(tmp_path):
+    plan = deepspeed_plan(3, offload_optimizer=True, offload_ratio=0.5)
+    dump_plan(plan, tmp_path / "plan.json")
+    assert load_plan(tmp_path / "plan.json") == dataclasses.replace(plan, source=str(tmp_path / "plan.json"))
+    check_plan(plan, get_flavor("tiny-hybrid"))
+    assert "engine" not in hybrid_plan().to_dict() and "tp_impl" not in hybrid_plan().to_dict()
+
+
+@pytest.mark.parametrize("change,expected", [
+    (dict(engine=Engine(kind="zero")), 'engine.kind = "zero": unknown engine; known: native, deepspeed'),
+    (dict(engine=Engine(zero_stage=2)), "engine.zero_stage = 2: is a DeepSpeed setting; engine.kind is native"),
+    (dict(engine=Engine(kind="deepspeed", zero_stage=4)), "engine.zero_stage = 4: DeepSpeed's ZeRO stage must be 1, 2 or 3"),
+    (dict(engine=Engine(kind="deepspeed", zero_stage=2, offload_params=True)),
+     "engine.offload_params = true: parameter offload needs ZeRO stage 3, engine.zero_stage is 2"),
+    (dict(engine=Engine(kind="deepspeed", zero_stage=3, offload_ratio=0.5)),
+     "engine.offload_ratio = 0.5: a partial host update needs ZeRO stage 3 with engine.offload_optimizer"),
+    (dict(engine=Engine(kind="deepspeed", zero_stage=2)),
+     'embedding.dp = "fsdp": ZeRO stage 2 keeps every layer\'s parameters: use "zero2"'),
+    (dict(tp_impl="apex"), 'tp_impl = "apex": unknown tensor-parallel implementation; known: dtensor, megatron'),
+])
+def test_engine_rules(change, expected):
+    plan = dataclasses.replace(deepspeed_plan(3), **change)
+    with pytest.raises(PlanError) as info:
+        check_plan(plan, get_flavor("tiny-hybrid"))
+    assert one_line(info) == f"plan: {expected}"
+
+
+def test_deepspeed_plans_have_no_pipeline_tensor_or_expert_parallelism():
+    plan = hybrid_plan()
+    plan.engine = Engine(kind="deepspeed", zero_stage=1)
+    with pytest.raises(PlanError) as info:
+        check_plan(plan, get_flavor("tiny-hybrid"))
+    assert one_line(info) == "plan: pipeline.degree = 2: the deepspeed engine runs ZeRO data parallelism only; use 1"
+
+
+def test_megatron_tensor_parallelism_covers_attention_and_mlp_only():
+    plan = dataclasses.replace(hybrid_plan(), tp_impl="megatron")
+    with pytest.raises(PlanError) as info:
+        check_plan(plan, get_flavor("tiny-hybrid"))
+    assert one_line(info) == ('plan: layers[2].tp = 2: layer 2 (gated_deltanet) has no megatron-core tensor-parallel '
+                              'layers (tp_impl "megatron" covers attention, swa, mlp); use tp 1 or tp_impl "dtensor"')
+    plan.layers[2] = dataclasses.replace(plan.layers[2], tp=1)
+    check_plan(plan, get_flavor("tiny-hybrid"))
 
 
 # --- uniform plans -----------------------------------------------------------------------------
