@@ -570,6 +570,21 @@ def uniform_plan(model_cfg, world: int, tp: int = 1, pp: int = 1, dp: str = "ddp
     return plan
 
 
+def deepspeed_plan(model_cfg, world: int, zero_stage: int, *, offload_optimizer: bool = False,
+                   offload_params: bool = False, offload_ratio: float = 1.0, config: str = "",
+                   checkpoint: str = "none", micro_batch_size: int | None = None,
+                   num_micro_batches: int = 1, notes: str = "") -> Plan:
+    """The whole model under DeepSpeed's ZeRO `zero_stage` over `world` ranks (every layout tp 1,
+    ep 1, dp as the stage implies); checked against the model."""
+    plan = uniform_plan(model_cfg, world, dp="fsdp" if zero_stage == 3 else "zero2", checkpoint=checkpoint,
+                        micro_batch_size=micro_batch_size, num_micro_batches=num_micro_batches, notes=notes)
+    plan.engine = Engine(kind="deepspeed", zero_stage=zero_stage, offload_optimizer=offload_optimizer,
+                         offload_params=offload_params, offload_ratio=offload_ratio, config=config)
+    plan.source = f"deepspeed ZeRO-{zero_stage} plan"
+    check_plan(plan, model_cfg)
+    return plan
+
+
 def summary(plan: Plan) -> str:
     """One line: the mesh, the layers' degrees and kinds, and the pipeline schedule."""
     pipe = plan.pipeline

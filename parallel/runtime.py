@@ -40,8 +40,9 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 
 from stratagem.model.moe import MoE, moe_metrics, update_expert_biases
 from stratagem.model.transformer import Transformer
-from stratagem.train.engine import StateView
+from stratagem.train.engine import Engine, StateView
 from stratagem.parallel.data_parallel import apply_data_parallel
+from stratagem.parallel.deepspeed_engine import check_deepspeed_config
 from stratagem.parallel.expert_parallel import split_experts
 from stratagem.parallel.grad_norm import clip_grad_norm_
 from stratagem.parallel.mesh import StageMeshes, stage_tps
@@ -84,12 +85,14 @@ def check_train_plan(config, plan: Plan, world: int) -> None:
     if held_out % (pipe.micro_batch_size * chunks):
         raise ConfigError(f"{plan.source}: the {held_out} held-out sequences (train.micro_batch_size x eval_batches) "
                           f"do not split into {chunks} x {pipe.micro_batch_size}-sequence micro-batches of the plan")
+    if plan.engine.deepspeed:
+        check_deepspeed_config(plan, tc)
     if tc.autocast != "none":
         raise ConfigError(f"train.autocast = {tc.autocast!r}: not supported under a parallel plan yet; use \"none\"")
 
 
 @dataclass
-class ParallelModel:
+class ParallelModel(Engine):
     """This rank's part of a model laid out by a plan: what the training loop drives."""
 
     plan: Plan

@@ -7,7 +7,11 @@ Both kinds serve the same calls, so `train.loop` has one path:
 - ``clip_grad_norm_(max_norm) -> float``, ``evaluate(batches) -> float``;
 - ``after_optimizer_step()`` (MoE bias updates), ``moe_metrics() -> dict``;
 - ``state_module``: one module whose parameter names are the full model's, for the optimizer and
-  distributed checkpoints (`StateView` gathers a rank's stage modules under those names).
+  distributed checkpoints (`StateView` gathers a rank's stage modules under those names);
+- from `Engine`: ``start(optimizer)`` once before the first step (after a checkpoint was loaded),
+  ``step(optimizer, max_norm) -> float`` (clip, then the optimizer's step; the norm before
+  clipping) and ``checkpoint_state(optimizer) -> (module, optimizer)``, what a checkpoint saves.
+  The DeepSpeed engine (`parallel.deepspeed_engine`) overrides all three.
 """
 
 from __future__ import annotations
@@ -27,7 +31,22 @@ def loss_fn(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
 
 
-class OneProcess:
+class Engine:
+    """What every engine shares: the optimizer steps on `state_module`'s parameters themselves."""
+
+    def start(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called once, before the first step and after any checkpoint was loaded."""
+
+    def step(self, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+        norm = self.clip_grad_norm_(max_norm)
+        optimizer.step()
+        return norm
+
+    def checkpoint_state(self, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+        return self.state_module, optimizer
+
+
+class OneProcess(Engine):
     """The whole model in this process: gradient accumulation over the step's micro-batches."""
 
     def __init__(self, model: Transformer, micro_batches: int, autocast=contextlib.nullcontext):

@@ -18,6 +18,7 @@ from stratagem.errors import CheckpointError
 from stratagem.launcher.config import Config, check_vocab, dump_toml
 from stratagem.model import Transformer, count_model
 from stratagem.parallel.plan import Plan, dump_plan
+from stratagem.parallel.deepspeed_engine import DeepSpeedRun
 from stratagem.parallel.runtime import default_plan, parallelize
 from stratagem.train.engine import OneProcess
 from stratagem.train.checkpoint import Checkpointer, TrainState, check_branch_point, check_resumable
@@ -112,7 +113,10 @@ def train(config: Config, resume: bool = False, stop_after: int | None = None,
     model = Transformer(config.model)
     if dist.is_initialized():
         plan = plan or default_plan(config, dist.get_world_size())
-        engine = parallelize(model, plan)
+        if plan.engine.deepspeed:
+            engine = DeepSpeedRun(model, plan, tc)
+        else:
+            engine = parallelize(model, plan)
         micro_batch_size, accumulation = plan.pipeline.micro_batch_size, plan.pipeline.num_micro_batches
     else:
         accumulation, micro_batch_size = tc.accumulation_steps(config.data.seq_len), tc.micro_batch_size
@@ -139,6 +143,8 @@ def train(config: Config, resume: bool = False, stop_after: int | None = None,
         else:  # run.init_from: another run's checkpoint
             _branch_schedule(optimizer, scheduler, settings, tc, start)
 
+    engine.start(optimizer)
+
     counts = count_model(config.model, config.data.seq_len)
     writer = not dist.is_initialized() or dist.get_rank() == 0
     if writer:
@@ -147,6 +153,8 @@ def train(config: Config, resume: bool = False, stop_after: int | None = None,
         (run_dir / "model_counts.json").write_text(json.dumps(counts.summary(), indent=1))
         if plan is not None:
             dump_plan(plan, run_dir / "plan.json")
+        if isinstance(engine, DeepSpeedRun):  # the DeepSpeed JSON it runs under
+            (run_dir / "deepspeed.json").write_text(json.dumps(engine.config, indent=1) + "\n")
     metrics = MetricsWriter(run_dir, resume_step=start) if writer else None
     progress = Progress(tc.steps, start, tc.log_every, progress_stream if writer else io.StringIO())
 
@@ -159,8 +167,7 @@ def train(config: Config, resume: bool = False, stop_after: int | None = None,
             began = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
             loss = engine.train_step(batches.next_step())
-            grad_norm = engine.clip_grad_norm_(tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-            optimizer.step()
+            grad_norm = engine.step(optimizer, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
             engine.after_optimizer_step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -188,7 +195,7 @@ def train(config: Config, resume: bool = False, stop_after: int | None = None,
             if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == last or stopped \
                     or step in checkpointer.keep_steps:
                 state = TrainState(step=step, loader=batches.state_dict(), scheduler=scheduler.state_dict())
-                checkpoint = checkpointer.save(step, engine.state_module, optimizer, state, config.to_dict())
+                checkpoint = checkpointer.save(step, *engine.checkpoint_state(optimizer), state, config.to_dict())
                 if report is not None:
                     report(record, checkpoint)
             if stopped:
