@@ -45,6 +45,7 @@ from stratagem.parallel.data_parallel import apply_data_parallel
 from stratagem.parallel.deepspeed_engine import check_deepspeed_config
 from stratagem.parallel.expert_parallel import split_experts
 from stratagem.parallel.grad_norm import clip_grad_norm_
+from stratagem.parallel.megatron_tp import parallelize_block_megatron
 from stratagem.parallel.mesh import StageMeshes, stage_tps
 from stratagem.parallel.pipeline import (PipelineRun, StageModule, build_pipeline, build_stage_modules,
                                          stage_indices)
@@ -222,7 +223,10 @@ def _parallelize_stage(module: StageModule, stage: int, plan: Plan, meshes: Stag
             if dp_mesh.size() > 1:
                 experts_mesh = meshes.experts(layout.tp, layout.ep)
                 split_experts(block.ffn, experts_mesh["ep"], dp_mesh.get_group())
-        parallelize_block(block, mesh["tp"], index)
+        if plan.tp_impl == "megatron" and layout.tp > 1:
+            parallelize_block_megatron(block, mesh["tp"])
+        else:
+            parallelize_block(block, mesh["tp"], index)
         if experts_mesh is not None:
             apply_data_parallel(block.ffn.experts, experts_mesh["edp"], layout.dp, gradient_divide_factor=1)
         if layout.checkpoint == "full":
