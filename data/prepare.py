@@ -205,13 +205,20 @@ class _Leftover:
 
 
 @dataclass
-class _PartBuffer:
+class PartBuffer:
     tokens: list[np.ndarray] = field(default_factory=list)
     lengths: list[np.ndarray] = field(default_factory=list)
 
     def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         self.tokens.append(tokens)
         self.lengths.append(lengths)
+
+
+def add_documents(buffers: dict[str, PartBuffer], tokens: np.ndarray, lengths: np.ndarray, val: np.ndarray) -> None:
+    """Append documents (their tokens concatenated, one length each) to the split ``val`` flags for each."""
+    val_tokens = np.repeat(val, lengths)
+    buffers["train"].add(tokens[~val_tokens], lengths[~val])
+    buffers["val"].add(tokens[val_tokens], lengths[val])
 
 
 def part_name(part: int) -> str:
@@ -222,8 +229,8 @@ def _marker(split_dir: Path, part: int) -> Path:
     return split_dir / f"{part_name(part)}.done.json"
 
 
-def _write_part(split_dir: Path, part: int, buffer: _PartBuffer, leftover: _Leftover, seq_len: int,
-                compression: str | None) -> _Leftover:
+def write_part(split_dir: Path, part: int, buffer: PartBuffer, leftover: _Leftover, seq_len: int,
+               compression: str | None) -> _Leftover:
     """Pack the leftover plus this part's documents into samples, write them, then the marker."""
     from streaming import MDSWriter
 
@@ -267,6 +274,19 @@ def _discard_parts_from(out: Path, first: int) -> None:
             number = re.match(r"part-(\d+)", path.name)
             if number and int(number.group(1)) >= first:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def resume_parts(out: Path) -> tuple[int, dict[str, _Leftover]]:
+    """How many leading parts of ``out`` are complete, after removing what later parts left, and
+    each split's leftover tokens after them: where writing part N continues."""
+    done = _completed_parts(out)
+    _discard_parts_from(out, done)
+    leftovers = {split: _Leftover() for split in SPLITS}
+    if done:
+        for split in SPLITS:
+            last = _read_marker(out / split, done - 1)["leftover"]
+            leftovers[split] = _Leftover(np.array(last["tokens"], np.int32), np.array(last["doc_starts"], np.int64))
+    return done, leftovers
 
 
 def merge_index(split_dir: Path, parts: int) -> None:
@@ -355,12 +375,18 @@ class _Progress:
                      f"train {manifest.samples['train']}, val {manifest.samples['val']}")
 
 
-def _check_arguments(seq_len: int, val_fraction: float, workers: int, documents_per_part: int) -> None:
+def check_arguments(seq_len: int, val_fraction: float, documents_per_part: int, compression: str | None,
+                    workers: int = 1) -> None:
+    """DataError for an argument that `prepare`, or another writer of its layout, cannot use."""
     for name, value in (("seq_len", seq_len), ("workers", workers), ("documents_per_part", documents_per_part)):
         if not isinstance(value, int) or value < 1:
             raise DataError(f"{name} = {value!r}: must be a positive integer")
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction = {val_fraction!r}: must be in [0, 1)")
+    from streaming.base.compression import is_compression
+
+    if compression and not is_compression(compression):
+        raise DataError(f"compression = {compression!r}: not a compression streaming knows (e.g. zstd, gz, br)")
 
 
 def prepare(inputs: list[str | Path], tokenizer: Path, seq_len: int, out: Path, val_fraction: float = 0.01,
@@ -375,13 +401,9 @@ def prepare(inputs: list[str | Path], tokenizer: Path, seq_len: int, out: Path, 
     an interrupted run, or does nothing if the output is finished. Returns the manifest.
     """
     out = Path(out)
-    _check_arguments(seq_len, val_fraction, workers, documents_per_part)
+    check_arguments(seq_len, val_fraction, documents_per_part, compression, workers)
     files = resolve_inputs(inputs, text_field)
     tok = Tokenizer.load(tokenizer)
-    from streaming.base.compression import is_compression
-
-    if compression and not is_compression(compression):
-        raise DataError(f"compression = {compression!r}: not a compression streaming knows (e.g. zstd, gz, br)")
     sources = [{"path": str(path.resolve()), "sha256": file_sha256(path)} for path in files]
     arguments = {"format": ARGUMENTS_FORMAT, "version": VERSION, "inputs": sources, "tokenizer": tok.card,
                  "seq_len": seq_len, "val_fraction": val_fraction, "text_field": text_field,
@@ -389,13 +411,7 @@ def prepare(inputs: list[str | Path], tokenizer: Path, seq_len: int, out: Path, 
     if claim_output(out, json.loads(json.dumps(arguments)), ARGUMENTS_FILE, "prepare", "prepared"):
         return load_manifest(out)
 
-    done = _completed_parts(out)
-    _discard_parts_from(out, done)
-    leftovers = {split: _Leftover() for split in SPLITS}
-    if done:
-        for split in SPLITS:
-            last = _read_marker(out / split, done - 1)["leftover"]
-            leftovers[split] = _Leftover(np.array(last["tokens"], np.int32), np.array(last["doc_starts"], np.int64))
+    done, leftovers = resume_parts(out)
 
     report = _Progress(progress)
     manifest = None
@@ -408,18 +424,15 @@ def prepare(inputs: list[str | Path], tokenizer: Path, seq_len: int, out: Path, 
                 pass
         sha256_of = {str(path): source["sha256"] for path, source in zip(files, sources)}
         chunks = _chunks(documents, sha256_of, done, documents_per_part, val_fraction)
-        buffers = {split: _PartBuffer() for split in SPLITS}
+        buffers = {split: PartBuffer() for split in SPLITS}
         for chunk, (tokens, lengths) in _encoded(chunks, tok, workers):
-            val = np.array(chunk.val)
-            val_tokens = np.repeat(val, lengths)
-            buffers["train"].add(tokens[~val_tokens], lengths[~val])
-            buffers["val"].add(tokens[val_tokens], lengths[val])
+            add_documents(buffers, tokens, lengths, np.array(chunk.val))
             report.update(len(tokens), len(lengths), chunk.part)
             if chunk.ends_part:
                 for split in SPLITS:
-                    leftovers[split] = _write_part(out / split, chunk.part, buffers[split], leftovers[split],
-                                                   seq_len, compression)
-                buffers = {split: _PartBuffer() for split in SPLITS}
+                    leftovers[split] = write_part(out / split, chunk.part, buffers[split], leftovers[split],
+                                                  seq_len, compression)
+                buffers = {split: PartBuffer() for split in SPLITS}
         manifest = _finish(out, arguments, stats, files)
     finally:
         report.close(manifest)
@@ -427,10 +440,16 @@ def prepare(inputs: list[str | Path], tokenizer: Path, seq_len: int, out: Path, 
 
 
 def _finish(out: Path, arguments: dict, stats: SourceStats, files: list[Path]) -> Manifest:
-    """Merge the parts' indexes and write the manifest from the markers."""
-    parts = _completed_parts(out)
-    if parts == 0:
+    if _completed_parts(out) == 0:
         raise DataError("the inputs hold no documents (every record was skipped as bad)")
+    sources = [dict(source, documents=stats.files[str(path)].documents, skipped=stats.files[str(path)].skipped)
+               for path, source in zip(files, arguments["inputs"])]
+    return finish_parts(out, arguments, sources)
+
+
+def finish_parts(out: Path, arguments: dict, sources: list[dict]) -> Manifest:
+    """Merge the complete parts' indexes and write the manifest from their markers (at least one part)."""
+    parts = _completed_parts(out)
     totals = {key: {} for key in ("documents", "tokens", "samples", "dropped_tokens")}
     for split in SPLITS:
         merge_index(out / split, parts)
@@ -438,8 +457,6 @@ def _finish(out: Path, arguments: dict, stats: SourceStats, files: list[Path]) -
         for key in ("documents", "tokens", "samples"):
             totals[key][split] = sum(marker[key] for marker in markers)
         totals["dropped_tokens"][split] = len(markers[-1]["leftover"]["tokens"])
-    sources = [dict(source, documents=stats.files[str(path)].documents, skipped=stats.files[str(path)].skipped)
-               for path, source in zip(files, arguments["inputs"])]
     manifest = Manifest(format=FORMAT, version=VERSION, seq_len=arguments["seq_len"], tokenizer=arguments["tokenizer"],
                         val_fraction=arguments["val_fraction"], sources=sources, columns=dict(COLUMNS), **totals)
     write_atomic(out / MANIFEST_FILE, (json.dumps(manifest.to_dict(), indent=1) + "\n").encode())
