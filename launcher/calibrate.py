@@ -1,7 +1,8 @@
 """Calibration: per-term correction factors of the cost model, fitted to measured step times.
 
 The cost model predicts a step as a sum of terms (`launcher.cost.TERMS`: compute, the transfer and
-the latency of each collective family, optimizer), each from the profile's micro-benchmarks. Running a real step costs
+the latency of each collective family, host copies (offload), optimizer), each from the profile's
+micro-benchmarks. Running a real step costs
 more than its parts measured alone (hooks and dispatch around every collective, ranks waiting to
 be scheduled on shared cores, what a step does beyond the model: gradient clipping, zeroing), and
 not by one factor for all terms. `fit_corrections` finds factors f_t >= 1 (a run costs at least

@@ -157,6 +157,47 @@ def cmd_data_synthetic(args, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_convert_megatron_data(args, overrides: list[str]) -> int:
+    from stratagem.data.megatron import megatron_to_mds, vocabulary_card
+    from stratagem.data.sources import DataError
+    from stratagem.data.tokenizer import Tokenizer
+
+    if args.tokenizer and (args.vocab_size, args.eos_id) != (None, None):
+        raise DataError("--tokenizer gives the vocabulary size and EOS id; drop --vocab-size and --eos-id")
+    if args.tokenizer:
+        card = Tokenizer.load(args.tokenizer).card
+    elif None in (args.vocabulary, args.vocab_size, args.eos_id):
+        raise DataError("name the tokenizer the data was made with: --tokenizer DIR (a stratagem tokenizer), or "
+                        "--vocabulary NAME with --vocab-size N and --eos-id ID")
+    else:
+        card = vocabulary_card(args.vocabulary, args.vocab_size, args.eos_id)
+    manifest = megatron_to_mds(args.prefix, Path(args.out), args.seq_len, card, val_fraction=args.val_fraction,
+                               documents_per_part=args.documents_per_part)
+    print(f"{args.out}: {sum(manifest.documents.values()):,} documents, {manifest.samples['train']:,} train and "
+          f"{manifest.samples['val']:,} val samples of {manifest.seq_len + 1} tokens; stream it with "
+          f"[[data.mds.streams]] path = \"{args.out}\"")
+    return 0
+
+
+def cmd_convert_hf_export(args, overrides: list[str]) -> int:
+    from stratagem.model.huggingface import export_hf
+
+    hf_config = export_hf(args.checkpoint, args.out, dtype=args.dtype)
+    print(f"{args.out}: a Hugging Face LlamaForCausalLM ({hf_config['num_hidden_layers']} layers, "
+          f"{args.dtype}); load it with transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r})")
+    return 0
+
+
+def cmd_convert_hf_import(args, overrides: list[str]) -> int:
+    from stratagem.model.huggingface import MODEL_CONFIG, MODEL_WEIGHTS, import_hf
+
+    cfg = import_hf(args.folder, args.out)
+    out = Path(args.out)
+    print(f"{out / MODEL_CONFIG}: the [model] section ({cfg.n_layers} layers, dim {cfg.dim}, vocabulary "
+          f"{cfg.vocab_size}); {out / MODEL_WEIGHTS}: its weights (stratagem.model.huggingface.load_imported)")
+    return 0
+
+
 def cmd_profile(args, overrides: list[str]) -> int:
     from stratagem.launcher.profile import ensure_profile
 
@@ -232,7 +273,7 @@ def _hardware(cluster: str, nodes: int | None):
 
 def cmd_plan_search(args, overrides: list[str]) -> int:
     from stratagem.launcher.cost import FP32_ADAM, MIXED_ADAM, Workload
-    from stratagem.launcher.search import plan_search
+    from stratagem.launcher.search import Space, plan_search
     from stratagem.parallel.plan import dump_plan
 
     config = _flavor_or_config(args.model, overrides)
@@ -248,7 +289,7 @@ def cmd_plan_search(args, overrides: list[str]) -> int:
     mixed = args.precision == "bf16-mixed"
     work = Workload.of(config.model, seq_len, tokens // seq_len, state=MIXED_ADAM if mixed else FP32_ADAM,
                        activation_bytes=2 if mixed else 4)
-    result = plan_search(hw, work, config.model, world)
+    result = plan_search(hw, work, config.model, world, Space(engines=tuple(args.engines)))
     print(f"planned for {world} ranks of {hw.cluster.name}, {tokens:,} tokens per step ({tokens // seq_len} x "
           f"{seq_len}), {args.precision}")
     print(result.report(hw, config.model.layer_specs()))
@@ -367,7 +408,7 @@ def _config_argument(parser: argparse.ArgumentParser, default: str = DEFAULT_CON
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from stratagem.parallel.plan import CHECKPOINTS, DP_KINDS, SCHEDULES  # no torch
+    from stratagem.parallel.plan import CHECKPOINTS, DP_KINDS, ENGINES, SCHEDULES  # no torch
 
     parser = argparse.ArgumentParser(
         prog="stratagem",
@@ -456,6 +497,44 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--val-samples", type=int, default=512, help="validation samples (default 512)")
     synthetic.set_defaults(func=cmd_data_synthetic, takes_overrides=True)
 
+    convert = sub.add_parser("convert", help="convert data and models from and to other tools' formats").add_subparsers(
+        dest="convert_command", required=True)
+    megatron = convert.add_parser("megatron-data", help="a Megatron indexed dataset (PREFIX.bin/.idx) to MDS shards",
+                                  description="Read PREFIX.bin and PREFIX.idx with megatron-core, follow every "
+                                              "document with one EOS (unless it ends with it), pack them into seq_len "
+                                              "+ 1 token samples and write OUT/train, OUT/val (MDS) and "
+                                              "OUT/manifest.json, as `stratagem data prepare` does. Re-running after "
+                                              "an interruption resumes where it stopped.")
+    megatron.add_argument("prefix", help="the dataset's path without .bin/.idx")
+    megatron.add_argument("--out", required=True, help="the folder to write (new, empty or an earlier conversion)")
+    megatron.add_argument("--seq-len", type=int, required=True)
+    vocabulary = megatron.add_mutually_exclusive_group()
+    vocabulary.add_argument("--tokenizer", default=None, help="the stratagem tokenizer folder the data was made with")
+    vocabulary.add_argument("--vocabulary", default=None, metavar="NAME",
+                            help="else the name of the tokenizer the data was made with, e.g. gpt2 (with "
+                                 "--vocab-size and --eos-id)")
+    megatron.add_argument("--vocab-size", type=int, default=None, help="its vocabulary size: every token must be below")
+    megatron.add_argument("--eos-id", type=int, default=None, help="its end-of-document token")
+    megatron.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (default 0.01)")
+    megatron.add_argument("--documents-per-part", type=int, default=10000,
+                          help="documents converted (and held in memory) at once (default 10000)")
+    megatron.set_defaults(func=cmd_convert_megatron_data)
+    export = convert.add_parser("hf-export", help="a checkpoint of a Llama-shaped model to a Hugging Face folder",
+                                description="Write the model of CHECKPOINT (<run>/checkpoints/step-N; attention + mlp "
+                                            "layers only) to OUT as a Hugging Face LlamaForCausalLM: config.json and "
+                                            "model.safetensors.")
+    export.add_argument("checkpoint", help="a checkpoint directory, <run>/checkpoints/step-N")
+    export.add_argument("--out", required=True, help="the folder to write (new or empty)")
+    export.add_argument("--dtype", default="float32", help="the tensors' type: float32 (default), bfloat16 or float16")
+    export.set_defaults(func=cmd_convert_hf_export)
+    imported = convert.add_parser("hf-import", help="a Hugging Face Llama folder to a stratagem model folder",
+                                  description="Read a Hugging Face Llama folder (config.json, safetensors weights) and "
+                                              "write OUT/model.toml (the [model] section of a config) and "
+                                              "OUT/weights.safetensors (the model's state dict).")
+    imported.add_argument("folder", help="a Hugging Face Llama folder")
+    imported.add_argument("--out", required=True, help="the folder to write (new or empty)")
+    imported.set_defaults(func=cmd_convert_hf_import)
+
     profile = sub.add_parser("profile", help="measure this machine for the planner: layer times, collectives, memory",
                              description="Measure, on --ranks local ranks at once (gloo on CPUs), the forward and "
                                          "backward time of every layer type of the model (with and without "
@@ -510,9 +589,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     search = plan.add_parser("search", help="find the fastest per-layer plan for a cluster or this machine's profile",
                              description="Search, under the cost model, the plan (pipeline, schedule, micro-batches, "
-                                         "stage boundaries and per layer tp, dp kind, checkpointing, ep) with the "
-                                         "shortest predicted step that fits in memory; print it per layer with its "
-                                         "predictions beside the best uniform plan's.")
+                                         "stage boundaries and per layer tp, dp kind, checkpointing, ep), or a "
+                                         "whole-model DeepSpeed ZeRO plan (stage, optimizer and parameter offload), "
+                                         "with the shortest predicted step that fits in memory; print it per layer "
+                                         "with its predictions beside the best of each engine and the best uniform "
+                                         "plan's, and why its engine.")
     search.add_argument("--model", default=DEFAULT_CONFIG, metavar="FLAVOR_OR_CONFIG",
                         help="a model flavor or a config (default: demo)")
     search.add_argument("--cluster", required=True, metavar="SPEC|PROFILE",
@@ -526,6 +607,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--precision", choices=("fp32", "bf16-mixed"), default="fp32",
                         help="fp32: this runtime's float32 AdamW (16 bytes/parameter, 4-byte activations); "
                              "bf16-mixed: bf16 weights and activations, fp32 master and moments (default fp32)")
+    search.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES), metavar="ENGINE",
+                        help="the engines whose plans to search: native (per-layer plans of this runtime) and "
+                             "deepspeed (whole-model ZeRO 1-3 with offload); default both")
     search.add_argument("--out", default=None, help="write the plan here")
     search.add_argument("--force", action="store_true", help="replace an existing --out")
     search.set_defaults(func=cmd_plan_search, takes_overrides=True)

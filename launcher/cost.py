@@ -43,6 +43,15 @@ unit at work and the one prefetched (transient); activations per in-flight micro
 unit's count with its tp-replicated part whole and the rest divided by tp, or only its input
 when checkpointed (then one unit's full activations are live again during its recompute).
 
+DeepSpeed plans (``engine.kind`` "deepspeed": no pipeline, tp 1, ZeRO over all W ranks) keep the
+compute, tp, ep and activation terms above and replace the model states' (`zero_states`): ZeRO's
+collectives (`zero_dp_calls`: DeepSpeed accumulates gradients between steps, so stages 1 and 2
+reduce less often than this runtime), its sharding of the states (`zero_state_bytes`), the
+optimizer and parameter offload to the host and the split update of ZeRO-Offload++
+(`zero_update_seconds`, `split_update_seconds`), with the hardware's host figures (copy bandwidth,
+host Adam rate, host memory). The host's bytes count against the host's memory, or against the
+device's where the device is the host (CPU ranks).
+
 Pipeline (`pipeline_seconds`). A rank runs v chunks (virtual stages) of the p ranks' p v; with
 chunk times W_c (forward + backward of one micro-batch, all terms above) the schedule runs in
 lock-step at the slowest chunk: ``(m v + (p - 1) beta) max_c W_c`` for m micro-batches, with
@@ -58,12 +67,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from stratagem.launcher.hardware import HOST_STATE_BYTES
 from stratagem.model.counts import LayerCounts, ModelCounts, count_model
+from stratagem.parallel.plan import Engine
 
 COLLECTIVE_TERMS = ("tp", "ep", "dp", "relayout", "p2p")
 # A collective term is split in two: its transfer (named as the term) and its latency ("<term>_latency",
-# the per-message cost), so that calibration can correct them apart.
-TERMS = ("compute", "recompute", *(t + part for t in COLLECTIVE_TERMS for part in ("", "_latency")), "optimizer")
+# the per-message cost), so that calibration can correct them apart. "offload": parameters brought up
+# from the host (DeepSpeed's parameter offload).
+TERMS = ("compute", "recompute", *(t + part for t in COLLECTIVE_TERMS for part in ("", "_latency")), "offload",
+         "optimizer")
 BUBBLE_FACTOR = {"gpipe": 1.0, "1f1b": 1.0, "interleaved_1f1b": 1.0, "zero_bubble": 1 / 3}
 
 
@@ -164,10 +177,24 @@ class UnitCost:
     state_bytes: float
     activation_bytes: float  # per in-flight micro-batch
     transient_bytes: float  # live only while this unit works
+    host_bytes: float = 0.0  # model states offloaded to host memory (DeepSpeed)
 
     @property
     def micro_batch_seconds(self) -> float:
         return sum(self.seconds.values())
+
+
+@dataclass
+class ModelStates:
+    """What keeping a unit's weights, gradients and optimizer states costs a rank: data-parallel
+    collectives per micro-batch (calls as `_collectives` takes them), parameter bytes brought up from
+    the host per micro-batch, the optimizer step's seconds, and bytes in device and host memory."""
+
+    calls: list[tuple]
+    optimizer_seconds: float
+    device_bytes: float
+    host_bytes: float = 0.0
+    fetch_bytes: float = 0.0
 
 
 def _collectives(hw, term: str, calls) -> dict[str, float]:
@@ -191,12 +218,105 @@ def _dp_calls(kind: str, params: float, dp: int, stride: int, state: StateBytes)
             (1, "reduce_scatter", params * state.grad, dp, stride)]
 
 
-def _state_bytes(kind: str, params: float, dp: int, state: StateBytes) -> float:
-    if kind == "ddp":
-        return params * state.total
-    if kind == "zero2":
-        return params * (state.weight + (state.grad + state.optimizer) / dp)
-    return params * state.total / dp
+# The model states each dp kind shards over its ranks, and each ZeRO stage (stage 2 is zero2, 3 is fsdp).
+SHARDED = {"ddp": (), "zero2": ("grad", "optimizer"), "fsdp": ("weight", "grad", "optimizer")}
+ZERO_SHARDED = {1: ("optimizer",), 2: SHARDED["zero2"], 3: SHARDED["fsdp"]}
+
+
+def _state_bytes(sharded: tuple[str, ...], params: float, dp: int, state: StateBytes) -> float:
+    """Bytes per rank of `params` parameters' states, those named in `sharded` split over `dp` ranks."""
+    return params * sum(getattr(state, s) / (dp if s in sharded else 1) for s in ("weight", "grad", "optimizer"))
+
+
+def native_states(hw, unit: Unit, layout: UnitLayout, dp: int, state: StateBytes) -> ModelStates:
+    """This runtime's model states: the dense weights over the dp group, the experts' over dp / ep
+    ranks, each as the layout's dp kind shards them; the optimizer updates what the rank keeps."""
+    dense = (unit.params - unit.expert_params) / layout.tp
+    experts = unit.expert_params / (layout.tp * layout.ep)
+    groups = ((dense, dp, layout.tp), (experts, dp // layout.ep, layout.tp * layout.ep))  # (params, ranks, stride)
+    calls = [call for params, ranks, stride in groups for call in _dp_calls(layout.dp, params, ranks, stride, state)]
+    kept = sum(params if layout.dp == "ddp" else params / ranks for params, ranks, _ in groups)
+    held = sum(_state_bytes(SHARDED[layout.dp], params, ranks, state) for params, ranks, _ in groups)
+    return ModelStates(calls=calls, optimizer_seconds=hw.optimizer_seconds(kept), device_bytes=held)
+
+
+def zero_dp_calls(stage: int, params: float, world: int, micro_batches: int, state: StateBytes) -> list[tuple]:
+    """ZeRO's collectives per micro-batch for `params` parameters over `world` ranks, in a step of
+    `micro_batches` micro-batches (a call made once per step counts 1 / m). DeepSpeed accumulates
+    gradients between optimizer steps: stage 1 all-reduces them once per step, stage 2
+    reduce-scatters each micro-batch's into the partitions; both all-gather the updated weights once
+    per step. Stage 3 gathers the weights for every forward and every backward and reduce-scatters
+    every micro-batch's gradients: native fsdp (`_dp_calls`)."""
+    if stage == 3:
+        return _dp_calls("fsdp", params, world, 1, state)
+    if world == 1 or params == 0:
+        return []
+    once = 1 / micro_batches
+    reduce = (once, "all_reduce", params * state.grad, world, 1) if stage == 1 else \
+        (1, "reduce_scatter", params * state.grad, world, 1)
+    return [reduce, (once, "all_gather", params * state.weight, world, 1)]
+
+
+def host_share(engine: Engine) -> float:
+    """r, the share of a rank's optimizer partition updated on the host: offload_ratio with optimizer
+    offload (1 unless split), else 0."""
+    return engine.offload_ratio if engine.offload_optimizer else 0.0
+
+
+def zero_state_bytes(engine: Engine, params: float, world: int, state: StateBytes) -> tuple[float, float]:
+    """(device, host) bytes per rank of `params` parameters' states under `engine` over W = `world` ranks.
+
+    ZeRO stage 1 shards the optimizer states, 2 also the gradients (native zero2), 3 also the weights
+    (native fsdp): device P (w + g + o / W), P (w + (g + o) / W), P (w + g + o) / W (`_state_bytes`).
+    Optimizer offload takes the host share r (`host_share`) of the partition q = P / W off the device
+    (its optimizer states, and under stages 2 and 3, whose gradients are partitioned, its gradients:
+    r q (o + g)) and keeps r q HOST_STATE_BYTES on the host. Parameter offload (stage 3) moves the
+    weight partition q w from the device to the host."""
+    partition, r = params / world, host_share(engine)
+    device = _state_bytes(ZERO_SHARDED[engine.zero_stage], params, world, state)
+    device -= r * partition * (state.optimizer + (state.grad if engine.zero_stage > 1 else 0))
+    host = r * partition * HOST_STATE_BYTES
+    if engine.offload_params:
+        device, host = device - partition * state.weight, host + partition * state.weight
+    return device, host
+
+
+def split_update_seconds(host: float, device: float, transfer: float, overlap: bool) -> float:
+    """An optimizer step split between host and device (ZeRO-Offload++): the two parts run at once,
+    then the host part's transfers: max(host, device) + transfer. Where the device is the host's own
+    cores (`overlap` False: CPU ranks) the parts take turns: host + device + transfer."""
+    return (max(host, device) if overlap else host + device) + transfer
+
+
+def zero_update_seconds(hw, engine: Engine, partition: float, state: StateBytes) -> float:
+    """One step's update of a rank's q = `partition` parameters under `engine`: the host share r q at
+    the host's AdamW rate, its gradients copied down and (unless the weights live on the host) its
+    updated weights copied up, r q (g + w) bytes at the host link's bandwidth; the rest (1 - r) q on
+    the device; combined by `split_update_seconds`."""
+    r = host_share(engine)
+    up = 0 if engine.offload_params else state.weight
+    return split_update_seconds(hw.host_optimizer_seconds(r * partition), hw.optimizer_seconds((1 - r) * partition),
+                                hw.host_copy_seconds(r * partition * (state.grad + up)), hw.separate_host)
+
+
+def balanced_offload_ratio(hw) -> float:
+    """The host share r at which a split update's two parts end together, r h = (1 - r) d for per-
+    parameter host and device update times h and d: r = d / (h + d). The split's time max(r h,
+    (1 - r) d) + r t (t: per-parameter transfers) is least there when t < d: below it the device part
+    dominates and shrinks faster with r than the transfers grow; above it the host part grows."""
+    host, device = hw.host_optimizer_seconds(1.0), hw.optimizer_seconds(1.0)
+    return device / (host + device)
+
+
+def zero_states(hw, unit: Unit, engine: Engine, world: int, micro_batches: int, state: StateBytes) -> ModelStates:
+    """A unit's model states in a DeepSpeed plan (tp 1, ZeRO over all `world` ranks): `zero_dp_calls`,
+    `zero_update_seconds` of its partition, `zero_state_bytes`, and under parameter offload its
+    weight partition brought up from the host before every forward and every backward."""
+    partition = unit.params / world
+    device, host = zero_state_bytes(engine, unit.params, world, state)
+    return ModelStates(calls=zero_dp_calls(engine.zero_stage, unit.params, world, micro_batches, state),
+                       optimizer_seconds=zero_update_seconds(hw, engine, partition, state), device_bytes=device,
+                       host_bytes=host, fetch_bytes=2 * partition * state.weight if engine.offload_params else 0.0)
 
 
 def _tp_all_reduces(unit: Unit, work: Workload) -> tuple[float, float]:
@@ -209,8 +329,13 @@ def _tp_all_reduces(unit: Unit, work: Workload) -> tuple[float, float]:
     return 1 + ffn_rows, 2
 
 
-def unit_cost(hw, work: Workload, unit: Unit, layout: UnitLayout, stage_size: int, micro_batch: int) -> UnitCost:
-    """`unit` laid out as `layout` on a stage of `stage_size` ranks running micro-batches of `micro_batch` sequences."""
+NATIVE = Engine()
+
+
+def unit_cost(hw, work: Workload, unit: Unit, layout: UnitLayout, stage_size: int, micro_batch: int,
+              engine: Engine = NATIVE, micro_batches: int = 1) -> UnitCost:
+    """`unit` laid out as `layout` on a stage of `stage_size` ranks running micro-batches of `micro_batch`
+    sequences, `micro_batches` of them per step, its states kept by `engine`."""
     tp, ep, state = layout.tp, layout.ep, work.state
     dp = stage_size // tp
     tokens = micro_batch * work.seq_len / dp  # per rank
@@ -229,25 +354,26 @@ def unit_cost(hw, work: Workload, unit: Unit, layout: UnitLayout, stage_size: in
     if unit.ffn == "moe" and dp > 1:  # every forward: the experts' token counts, summed over the dp group
         counts = work.num_experts * 8
         ep_calls += [(forwards, "all_reduce", counts, dp, tp), (forwards, "all_to_all", counts, ep, tp)]
-    dense = (unit.params - unit.expert_params) / tp
-    experts = unit.expert_params / (tp * ep)
-    dp_terms = _collectives(hw, "dp", _dp_calls(layout.dp, dense, dp, tp, state)
-                            + _dp_calls(layout.dp, experts, dp // ep, tp * ep, state))
+    states = (zero_states(hw, unit, engine, dp, micro_batches, state) if engine.deepspeed
+              else native_states(hw, unit, layout, dp, state))
+    dp_terms = _collectives(hw, "dp", states.calls)
     dp_s = sum(dp_terms.values())
     exposed = 1 - hw.dp_overlap * min(dp_s, compute + recompute) / dp_s if dp_s else 0.0
-    ddp = layout.dp == "ddp"  # the optimizer updates what the rank keeps of the states
-    optimizer = hw.optimizer_seconds(dense / (1 if ddp else dp) + experts / (1 if ddp else dp // ep))
+    offload = hw.host_copy_seconds(states.fetch_bytes) if states.fetch_bytes else 0.0
     replicated = unit.replicated_bytes_per_token
     full = tokens * (replicated + (unit.activation_bytes_per_token - replicated) / tp)
     kept = tokens * unit.input_bytes_per_token if layout.checkpoint else full
-    gathered = 2 * (dense + experts) * state.weight if layout.dp == "fsdp" and dp > 1 else 0.0
+    local = (unit.params - unit.expert_params) / tp + unit.expert_params / (tp * ep)
+    gathered = 2 * local * state.weight if layout.dp == "fsdp" and dp > 1 else 0.0
     return UnitCost(
         seconds=hw.corrected({"compute": compute, "recompute": recompute, **_collectives(hw, "tp", tp_calls),
-                              **_collectives(hw, "ep", ep_calls), **{t: exposed * x for t, x in dp_terms.items()}}),
-        optimizer_seconds=hw.corrected({"optimizer": optimizer})["optimizer"],
-        state_bytes=_state_bytes(layout.dp, dense, dp, state) + _state_bytes(layout.dp, experts, dp // ep, state),
+                              **_collectives(hw, "ep", ep_calls), **{t: exposed * x for t, x in dp_terms.items()},
+                              "offload": offload}),
+        optimizer_seconds=hw.corrected({"optimizer": states.optimizer_seconds})["optimizer"],
+        state_bytes=states.device_bytes,
         activation_bytes=kept,
         transient_bytes=gathered + (full if layout.checkpoint else 0.0),
+        host_bytes=states.host_bytes,
     )
 
 
@@ -307,6 +433,7 @@ class ChunkCost:
     state_bytes: float = 0.0
     activation_bytes: float = 0.0  # per in-flight micro-batch
     transient_bytes: float = 0.0
+    host_bytes: float = 0.0
 
     @property
     def micro_batch_seconds(self) -> float:
@@ -325,6 +452,7 @@ class ChunkCost:
         self.state_bytes += cost.state_bytes
         self.activation_bytes += cost.activation_bytes
         self.transient_bytes = max(self.transient_bytes, cost.transient_bytes)
+        self.host_bytes += cost.host_bytes
 
 
 @dataclass
@@ -335,6 +463,7 @@ class Prediction:
     memory_per_rank: list[float]  # bytes, per pipeline rank (every rank of a stage alike)
     breakdown: dict[str, float]  # seconds per step of each term on the slowest chunk, and the bubble
     fits: bool
+    host_bytes: float = 0.0  # per rank, in host memory (DeepSpeed's offload)
 
 
 def chunk_costs(hw, work: Workload, plan) -> list[ChunkCost]:
@@ -350,7 +479,8 @@ def chunk_costs(hw, work: Workload, plan) -> list[ChunkCost]:
         previous = layouts[start].tp  # the embedding's, or the previous stage's last layer's
         for u in span:
             layout = layouts[u]
-            chunk.add(unit_cost(hw, work, all_units[u], layout, size, micro))
+            chunk.add(unit_cost(hw, work, all_units[u], layout, size, micro, plan.engine,
+                                plan.pipeline.num_micro_batches))
             chunk.add_seconds(relayout_terms(hw, work, previous, layout.tp, size, micro))
             previous = layout.tp
         if not last:
@@ -380,7 +510,9 @@ def predict(hw, work: Workload, plan) -> Prediction:
     """Step time, throughput and memory per pipeline rank of `plan` (checked against the model before).
 
     It fits when every chunk needs at most 1 / v of a device's memory: with v virtual stages the
-    planner gives each of a rank's chunks an equal share (the search assumes the same)."""
+    planner gives each of a rank's chunks an equal share (the search assumes the same). What a
+    DeepSpeed plan offloads (one chunk: no pipeline) fits in the host's memory, or, where the
+    device is the host (`hw.separate_host` False), in the device's beside the rest."""
     pipe = plan.pipeline
     p, v, m = pipe.degree, pipe.virtual_stages, pipe.num_micro_batches
     chunks = chunk_costs(hw, work, plan)
@@ -393,6 +525,8 @@ def predict(hw, work: Workload, plan) -> Prediction:
     tokens = work.global_batch * work.seq_len
     peak = getattr(hw, "peak_flops", None)
     mfu = work.counts.train_flops_per_token * tokens / seconds / (peak * plan.world_size) if peak else None
+    host = sum(c.host_bytes for c in chunks)
+    device = max(memory) + (0.0 if hw.separate_host else host)
     return Prediction(step_seconds=seconds, tokens_per_second=tokens / seconds, mfu=mfu,
                       memory_per_rank=[sum(memory[r::p]) for r in range(p)], breakdown=breakdown,
-                      fits=max(memory) <= hw.memory / v)
+                      fits=device <= hw.memory / v and host <= hw.host_memory, host_bytes=host)

@@ -10,6 +10,11 @@ Two sources, one interface:
 - `Measured`: a profile of the devices at hand (`launcher.profile`): fitted per-layer-type times
   and per-collective latency and bandwidth, memory from the profile's machine.
 
+For DeepSpeed's offload both also say what the host offers: the time of a host <-> device copy,
+of the host's AdamW update, the host memory per rank, and whether the host is a separate processor
+(``separate_host``: a GPU's host CPU runs the host part of a split update while the GPU runs the
+rest; CPU ranks are their own host, so the two parts share cores and memory).
+
 Both give a collective's time in two parts, latency (its message steps) and transfer (its bytes),
 and carry per-term correction factors (``corrections``, term -> factor, see `launcher.cost.TERMS`)
 that calibration fits from measured runs; a term without one is taken as predicted.
@@ -20,6 +25,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from stratagem.launcher.cluster import ClusterSpec
+
+# Bytes per parameter DeepSpeed keeps on the host for the optimizer's host share, whatever the device
+# precision: the float32 master weight, gradient and AdamW's m and v.
+HOST_STATE_BYTES = 16
 
 
 class _Devices:
@@ -50,11 +59,20 @@ class _Devices:
 
 @dataclass
 class Analytic(_Devices):
+    """Published figures. The host's, per GPU of a DGX H100 (8 GPUs): PCIe Gen5 x16 runs 64 GB/s each
+    way, pinned copies reach about 50; two Xeon 8480C with 8 DDR5-4800 channels each (2 x 307 GB/s)
+    and 2 TB of memory. The host's AdamW update streams its 16 float32 state bytes per parameter
+    (HOST_STATE_BYTES) twice at the host memory bandwidth, as the device's does at its own."""
+
     cluster: ClusterSpec
     memory_bandwidth: float = 3.35e12  # bytes/s; H100 SXM's HBM3
     dp_overlap: float = 1.0  # GPUs reduce on their own streams while computing
     state_bytes_per_param: int = 16
     corrections: dict[str, float] = field(default_factory=dict)
+    host_link_bandwidth: float = 50e9  # bytes/s each way between a GPU and its host (PCIe Gen5 x16, pinned)
+    host_memory_bandwidth: float = 2 * 307e9 / 8  # bytes/s of the host's memory per GPU
+    host_memory: float = 2e12 / 8  # bytes of host memory per GPU
+    separate_host = True
 
     def layer_seconds(self, unit, tokens: float, checkpoint: bool) -> tuple[float, float]:
         """(forward, backward) seconds; a checkpointed backward runs the forward again first."""
@@ -67,6 +85,12 @@ class Analytic(_Devices):
 
     def optimizer_seconds(self, params: float) -> float:
         return 2 * params * self.state_bytes_per_param / self.memory_bandwidth
+
+    def host_optimizer_seconds(self, params: float) -> float:
+        return 2 * params * HOST_STATE_BYTES / self.host_memory_bandwidth
+
+    def host_copy_seconds(self, nbytes: float) -> float:
+        return nbytes / self.host_link_bandwidth
 
 
 @dataclass
@@ -92,3 +116,18 @@ class Measured(_Devices):
 
     def optimizer_seconds(self, params: float) -> float:
         return self.profile.optimizer_seconds(params)
+
+    @property
+    def separate_host(self) -> bool:
+        return self.profile.host.separate_device
+
+    @property
+    def host_memory(self) -> float:
+        """The ranks' memory: host and device memory are one (`launcher.profile.HostProfile`)."""
+        return self.memory
+
+    def host_optimizer_seconds(self, params: float) -> float:
+        return params * self.profile.host.adam_seconds_per_param
+
+    def host_copy_seconds(self, nbytes: float) -> float:
+        return nbytes / self.profile.host.copy_bandwidth

@@ -112,14 +112,17 @@ def workload(config: Config):
 
 
 def search_plan(config: Config, profile, say=print):
-    """The fastest per-layer plan for the config on the profiled ranks, printed with its predictions."""
+    """The fastest per-layer plan for the config on the profiled ranks, printed with its predictions.
+
+    Native plans only: the probes that calibrate the cost model time the native runtime, so its
+    DeepSpeed terms are uncorrected here; `stratagem plan search` weighs both engines."""
     from stratagem.launcher.hardware import Measured
     from stratagem.launcher.search import Space, plan_search
 
     hw, ranks = Measured(profile), config.launch.ranks
     streamed = config.data.kind == "mds"  # each rank reads an equal share of every micro-batch
     result = plan_search(hw, workload(config), config.model, ranks,
-                         Space(micro_batch_multiple=ranks if streamed else 1))
+                         Space(micro_batch_multiple=ranks if streamed else 1, engines=("native",)))
     corrected = f"corrections fitted to {len(profile.observations)} measured run(s)" if profile.corrections else \
         "no corrections yet: the first run calibrates"
     say(f"plan for {ranks} local ranks from {profile.source} ({corrected}):")

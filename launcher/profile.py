@@ -11,6 +11,10 @@ contention of training on that many ranks:
   an ``attention/mlp`` block of the model's shape, the reference `Profile.cluster` estimates the
   device's FLOP/s from. Each pass is fitted as ``seconds = a + b * tokens``.
 - the optimizer step (AdamW as training builds it) in seconds per parameter.
+- the host, for DeepSpeed's offload (`HostProfile`): a tensor copy's bandwidth (unpinned, and
+  pinned where this machine can pin memory), and the host's AdamW rate: DeepSpeed's CPU Adam when
+  its op was built at install, else torch's AdamW, which is the optimizer step above (the ranks
+  compute on the CPU). The ranks are their own host: offload moves bytes within the same memory.
 - collectives (all_reduce, all_gather, reduce_scatter, all_to_all, send_recv) from 4 KiB to
   16 MiB on groups of 2, 4 and ``ranks`` consecutive ranks, every group of a size at once (as the
   data-parallel groups of a mesh run together), fitted per (kind, group size) to the ring formulas
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -63,6 +68,9 @@ HEAD = "head"
 REFERENCE = LayerSpec("attention", "mlp")  # the block whose speed estimates the device's FLOP/s
 DTYPE = torch.float32  # multi-rank training runs in float32 (no autocast under a plan yet)
 STATE_BYTES_PER_PARAM = 16  # float32 weight and gradient, AdamW's two moments
+COPY_BYTES = 2**26  # the tensor a host copy moves: well beyond the caches
+TORCH_ADAM = "torch.optim.AdamW"
+DEEPSPEED_ADAM = "deepspeed.ops.adam.DeepSpeedCPUAdam"
 
 
 class ProfileError(StratagemError):
@@ -195,6 +203,28 @@ class CollectiveFit:
                    tuple((float(b), float(s)) for b, s in d["points"]))
 
 
+@dataclass(frozen=True)
+class HostProfile:
+    """What offloading to the host (DeepSpeed's optimizer and parameter offload) costs here.
+
+    The ranks compute on the CPU, so "device" and "host" are the same memory: offloading frees no
+    memory, and a host <-> device transfer is a memory copy (`copy_bandwidth`: a tensor copied on
+    every rank at once, as each rank's offload copies its own partition)."""
+
+    separate_device: bool  # False: the ranks' device is the host itself
+    copy_bandwidth: float  # bytes/s per rank of an unpinned tensor copy: what the cost model charges
+    pinned_copy_bandwidth: float | None  # from pinned memory; None where pinning needs a driver this machine lacks
+    adam_seconds_per_param: float  # one rank's AdamW update on the host, float32
+    adam: str  # which AdamW that is
+    note: str = ""
+
+    @classmethod
+    def from_dict(cls, d: dict) -> HostProfile:
+        pinned = d["pinned_copy_bandwidth"]
+        return cls(bool(d["separate_device"]), float(d["copy_bandwidth"]), None if pinned is None else float(pinned),
+                   float(d["adam_seconds_per_param"]), str(d["adam"]), str(d["note"]))
+
+
 # ---------------------------------------------------------------------------------------------
 # The machine
 
@@ -272,6 +302,7 @@ class Profile:
     memory_available: int  # bytes, when measured
     created: str  # ISO time
     wall_seconds: float
+    host: HostProfile
     source: str = "profile"  # the file it was read from, for messages
     corrections: dict[str, float] = dataclasses.field(default_factory=dict)  # cost term -> factor (launcher.calibrate)
     # measured runs the corrections are fitted to: {"run", "plan", "terms", "measured_s", "at"} (launcher.calibrate)
@@ -362,20 +393,25 @@ class Profile:
             "layers": {key: dataclasses.asdict(entry) for key, entry in self.layers.items()},
             "collectives": {kind: {str(g): dataclasses.asdict(fit) for g, fit in fits.items()}
                             for kind, fits in self.collectives.items()},
+            "host": dataclasses.asdict(self.host),
             "corrections": dict(self.corrections),
             "observations": list(self.observations),
         }
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "profile") -> Profile:
-        """The inverse of `to_dict` (the version is checked by `load_profile`)."""
-        return cls(machine=Machine(**d["machine"]), seq_len=int(d["seq_len"]), dtype=str(d["dtype"]),
+        """The inverse of `to_dict` (the version is checked by `load_profile`). A profile from before
+        the host figures gets them measured now (`host_alone`), and says so in their note."""
+        machine, optimizer = Machine(**d["machine"]), float(d["optimizer_seconds_per_param"])
+        return cls(machine=machine, seq_len=int(d["seq_len"]), dtype=str(d["dtype"]),
                    layers={key: LayerProfile.from_dict(entry) for key, entry in d["layers"].items()},
-                   optimizer_seconds_per_param=float(d["optimizer_seconds_per_param"]),
+                   optimizer_seconds_per_param=optimizer,
                    collectives={kind: {int(g): CollectiveFit.from_dict(fit) for g, fit in fits.items()}
                                 for kind, fits in d["collectives"].items()},
                    memory_available=int(d["memory_available"]), created=str(d["created"]),
-                   wall_seconds=float(d["wall_seconds"]), source=source,
+                   wall_seconds=float(d["wall_seconds"]),
+                   host=HostProfile.from_dict(d["host"]) if "host" in d else host_alone(machine, optimizer),
+                   source=source,
                    corrections={str(k): float(v) for k, v in d.get("corrections", {}).items()},
                    observations=list(d.get("observations", [])))
 
@@ -408,6 +444,13 @@ class Profile:
                              f"{fit.residual:6.1%}")
         lines += ["", f"optimizer (AdamW) {self.optimizer_seconds_per_param * 1e9:.2f} ns per parameter; "
                       f"memory available {self.memory_available / 2**30:.1f} GiB"]
+        host = self.host
+        pinned = (f"pinned {host.pinned_copy_bandwidth / 1e9:.2f} GB/s" if host.pinned_copy_bandwidth is not None
+                  else "no pinned memory here")
+        lines += [f"host (offload) {'a separate device' if host.separate_device else 'the ranks are their own host'}; "
+                  f"copy {host.copy_bandwidth / 1e9:.2f} GB/s per rank ({pinned}); AdamW {host.adam} "
+                  f"{host.adam_seconds_per_param * 1e9:.2f} ns per parameter "
+                  f"({1 / host.adam_seconds_per_param / 1e6:.0f}M parameters/s)"] + ([host.note] if host.note else [])
         return "\n".join(lines)
 
 
@@ -478,11 +521,16 @@ def profile_machine(cfg: ModelConfig, ranks: int, seq_len: int, settings: Profil
                                                           if item[:2] == (kind, g)])
                           for g in info["group_sizes"]} for kind in KINDS}
     machine = dataclasses.replace(this_machine(ranks), threads_per_rank=info["threads"])
+    optimizer = median[("optimizer",)] / info["optimizer_params"]
+    deepspeed = ("host_adam",) in median
+    host = _host_profile(median, median[("host_adam",)] / info["optimizer_params"] if deepspeed else optimizer,
+                         DEEPSPEED_ADAM if deepspeed else TORCH_ADAM,
+                         "" if deepspeed else "DeepSpeed's CPU Adam op is not prebuilt here (compiling it takes "
+                                              "minutes): torch's AdamW, the optimizer step above, stands in")
     return Profile(machine=machine, seq_len=seq_len, dtype=str(DTYPE).removeprefix("torch."), layers=layers,
-                   optimizer_seconds_per_param=median[("optimizer",)] / info["optimizer_params"],
-                   collectives=collectives, memory_available=available,
+                   optimizer_seconds_per_param=optimizer, collectives=collectives, memory_available=available,
                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                   wall_seconds=time.perf_counter() - began)
+                   wall_seconds=time.perf_counter() - began, host=host)
 
 
 def _check_arguments(ranks: int, seq_len: int) -> None:
@@ -544,9 +592,16 @@ def _measure_rank(cfg: ModelConfig, seq_len: int, settings: ProfileSettings, pro
             timings[("backward", key, ckpt, tokens)] = [b for _, b in samples]
         say(key, " | ".join(f"{'ckpt ' if ckpt else ''}fwd {_ms(timings, ('forward', key, ckpt))} "
                             f"bwd {_ms(timings, ('backward', key, ckpt))}" for ckpt in modules) + " ms")
-    optimizer, info["optimizer_params"] = _optimizer(settings.optimizer_params)
-    timings.update(_measure({("optimizer",): _timed(optimizer.step)}, settings))
+    weights = _weights(settings.optimizer_params)
+    info["optimizer_params"] = sum(w.numel() for w in weights)
+    timings.update(_measure({("optimizer",): _timed(build_optimizer(weights, TrainConfig()).step)}, settings))
     say("optimizer", f"AdamW step {_ms(timings, ('optimizer',))} ms over {info['optimizer_params']:,} parameters")
+    if deepspeed_cpu_adam_prebuilt():
+        timings.update(_measure({("host_adam",): _timed(_deepspeed_cpu_adam(weights).step)}, settings))
+        say("host adam", f"{DEEPSPEED_ADAM} step {_ms(timings, ('host_adam',))} ms")
+    timings.update(_measure(_copies(COPY_BYTES), settings))
+    say("host copy", f"{_human(COPY_BYTES)} in {_ms(timings, ('copy',))} ms (unpinned"
+                     f"{', pinned' if ('copy', True) in timings else ''})")
     world = dist.get_world_size()
     info["group_sizes"] = sorted({g for g in (2, 4, world) if world % g == 0})
     for g in info["group_sizes"]:
@@ -694,13 +749,72 @@ def _activation_bytes_per_token(module, passes, cfg: ModelConfig, seq_len: int) 
     return (saved(2) - saved(1)) / seq_len
 
 
-def _optimizer(params: int) -> tuple[torch.optim.Optimizer, int]:
-    """AdamW as training builds it over `params` parameters (16 matrices with gradients), and their count."""
+def _weights(params: int) -> torch.nn.ParameterList:
+    """About `params` parameters with gradients for an optimizer to step: 16 matrices."""
     rows = max(1, params // (16 * 1024))
     weights = torch.nn.ParameterList(torch.nn.Parameter(torch.randn(rows, 1024)) for _ in range(16))
     for weight in weights:
         weight.grad = torch.randn_like(weight)
-    return build_optimizer(weights, TrainConfig()), 16 * rows * 1024
+    return weights
+
+
+def deepspeed_cpu_adam_prebuilt() -> bool:
+    """Whether DeepSpeed was installed with its CPU Adam op built (DS_BUILD_CPU_ADAM=1), so that it
+    loads at once; otherwise the op is compiled on first use, minutes too long for a profile. Looked
+    up as a file, without importing DeepSpeed (which takes seconds)."""
+    spec = importlib.util.find_spec("deepspeed")
+    return spec is not None and spec.origin is not None and any(
+        (Path(spec.origin).parent / "ops" / "adam").glob("cpu_adam_op*.so"))
+
+
+def _deepspeed_cpu_adam(weights) -> torch.optim.Optimizer:
+    """DeepSpeed's CPU Adam over `weights` with training's AdamW settings (what its optimizer offload runs)."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    config = TrainConfig()
+    return DeepSpeedCPUAdam(weights, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
+                            weight_decay=config.weight_decay, adamw_mode=True)
+
+
+def _copies(nbytes: int) -> dict[tuple, object]:
+    """Timed steps copying a float32 tensor of `nbytes` into another: ("copy", False) from unpinned
+    memory, and ("copy", True) from pinned memory where this machine can pin it."""
+    source = torch.ones(nbytes // DTYPE.itemsize, dtype=DTYPE)
+    target = torch.empty_like(source)
+    steps = {("copy", False): _timed(lambda: target.copy_(source))}
+    try:
+        pinned = source.pin_memory()
+    except RuntimeError:  # pinning asks an accelerator's driver (CUDA's): none here
+        return steps
+    steps[("copy", True)] = _timed(lambda: target.copy_(pinned))
+    return steps
+
+
+def host_alone(machine: Machine, optimizer_seconds_per_param: float, repeats: int = 10) -> HostProfile:
+    """The host figures of a profile measured before they were part of it: copies timed now in this
+    process alone (with the ranks' thread count, but not under their contention), and torch's AdamW
+    rate taken from the profile's optimizer step."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(machine.threads_per_rank)
+    seconds = {}
+    try:
+        for item, step in _copies(COPY_BYTES).items():
+            step()  # warm-up
+            seconds[item] = statistics.median(step() for _ in range(repeats))
+    finally:
+        torch.set_num_threads(threads)
+    return _host_profile(seconds, optimizer_seconds_per_param, TORCH_ADAM,
+                         "measured on loading this profile, which predates host figures: copies timed in one "
+                         "process, not under the ranks' contention, and torch's AdamW, the optimizer step above; "
+                         "stratagem profile --force measures them on the ranks")
+
+
+def _host_profile(seconds: dict, adam_seconds_per_param: float, adam: str, note: str) -> HostProfile:
+    """The host figures from the copies' seconds (by `_copies`' items) and the host's AdamW rate."""
+    pinned = seconds.get(("copy", True))
+    return HostProfile(separate_device=False, copy_bandwidth=COPY_BYTES / seconds[("copy", False)],
+                       pinned_copy_bandwidth=None if pinned is None else COPY_BYTES / pinned,
+                       adam_seconds_per_param=adam_seconds_per_param, adam=adam, note=note)
 
 
 def _consecutive_groups(size: int):

@@ -31,6 +31,12 @@ best plan minimises the largest chunk objective, and:
 
 Frontiers depend only on the layer types from a chunk's first layer on, so chunks starting at the
 same place of a periodic layer pattern share them.
+
+Beside the per-layer plans of this runtime (engine "native") the space holds whole-model DeepSpeed
+plans (`deepspeed_plans`: ZeRO stages 1-3, with and without optimizer offload, stage 3 also with
+parameter offload and split updates, every micro-batch size, checkpointing everywhere or nowhere),
+each costed in full by `cost.predict`. The fastest that fits wins, native on a tie; `SearchResult.reason`
+says why the engine was chosen (``Space.engines`` leaves either kind out).
 """
 
 from __future__ import annotations
@@ -43,13 +49,15 @@ from dataclasses import dataclass, replace
 
 from stratagem.errors import ConfigError
 from stratagem.model.counts import human_bytes
-from stratagem.launcher.cost import (UnitLayout, Workload, in_flight, p2p_seconds, predict, relayout_seconds,
-                                     schedule_factor, unit_cost, units)
-from stratagem.parallel.plan import (DP_KINDS, EP_SHARDS, TP_SHARDS, LayerLayout, Layout, Pipeline, Plan, PlanError,
-                                     Predicted, describe, even_stages)
+from stratagem.launcher.cost import (UnitLayout, Workload, balanced_offload_ratio, in_flight, p2p_seconds, predict,
+                                     relayout_seconds, schedule_factor, unit_cost, units)
+from stratagem.parallel.plan import (DP_KINDS, ENGINES, EP_SHARDS, TP_SHARDS, ZERO_STAGES, Engine, LayerLayout, Layout,
+                                     Pipeline, Plan, PlanError, Predicted, deepspeed_plan, describe, engine_summary,
+                                     even_stages)
 
 FRONTIER_POINTS = 128  # beyond this many points a frontier keeps the fastest per 1/128 of the memory budget
 VIRTUAL_STAGES = {"gpipe": (1,), "1f1b": (1,), "interleaved_1f1b": (2, 4), "zero_bubble": (2, 4)}
+OFFLOAD_RATIOS = (0.25, 0.5, 0.75, 1.0)  # host shares of a split update tried, beside the balanced one
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,7 @@ class Space:
     schedules: tuple[str, ...] = tuple(VIRTUAL_STAGES)
     max_pp: int | None = None
     micro_batch_multiple: int = 1  # micro-batch sizes must be multiples of it (streamed data: the world size)
+    engines: tuple[str, ...] = ENGINES  # native: per-layer plans of this runtime; deepspeed: DeepSpeed's ZeRO
 
 
 @dataclass(frozen=True)
@@ -82,27 +91,39 @@ class Settings:
 
 @dataclass
 class SearchResult:
-    plan: Plan
+    plan: Plan  # the chosen plan: the best per-layer native plan or the best DeepSpeed plan
     prediction: object  # cost.Prediction
-    uniform_plan: Plan | None  # the best plan giving every layer the same layout
+    uniform_plan: Plan | None  # the best native plan giving every layer the same layout
     uniform_prediction: object | None
     seconds: float  # the search's own wall time
     visited: int  # pipeline settings costed in full
+    native_prediction: object | None = None  # the best per-layer native plan's, None if none fits
+    deepspeed_plan: Plan | None = None  # the best DeepSpeed plan, None if none fits
+    deepspeed_prediction: object | None = None
+    reason: str = ""  # why the chosen plan's engine
 
     def report(self, hw, specs) -> str:
-        """The plan's per-layer table, then its predictions beside the best uniform plan's."""
+        """The plan's per-layer table, then the predictions of the best plan of each engine and the
+        best uniform one, and why the chosen engine."""
 
         def line(name: str, prediction) -> str:
             mfu = f", MFU {prediction.mfu:.1%}" if prediction.mfu is not None else ""
+            host = f", {human_bytes(prediction.host_bytes)} on the host" if prediction.host_bytes else ""
             return (f"{name:9s} {prediction.step_seconds * 1000:10.1f} ms/step  {prediction.tokens_per_second:12,.0f} "
                     f"tokens/s{mfu}, peak {human_bytes(max(prediction.memory_per_rank))} per rank "
-                    f"of {human_bytes(hw.memory)}")
+                    f"of {human_bytes(hw.memory)}{host}")
 
-        lines = [describe(self.plan, specs), "", line("per-layer", self.prediction)]
+        lines = [describe(self.plan, specs), ""]
+        if self.native_prediction is not None:
+            lines.append(line("per-layer", self.native_prediction))
+        if self.deepspeed_prediction is not None:
+            engine = engine_summary(self.deepspeed_plan.engine)
+            lines.append(line("deepspeed", self.deepspeed_prediction) + f" ({engine})")
         if self.uniform_prediction is not None:
-            gain = self.uniform_prediction.step_seconds / self.prediction.step_seconds
+            gain = self.uniform_prediction.step_seconds / self.native_prediction.step_seconds
             lines += [line("uniform", self.uniform_prediction),
-                      f"per-layer plan: {gain:.3f}x the best uniform plan's speed (searched in {self.seconds:.2f} s)"]
+                      f"per-layer plan: {gain:.3f}x the best uniform plan's speed"]
+        lines.append(f"chosen    {engine_summary(self.plan.engine)}: {self.reason}; searched in {self.seconds:.2f} s")
         return "\n".join(lines)
 
 
@@ -521,8 +542,64 @@ def _period(specs) -> int:
     return next(p for p in range(1, n + 1) if all(specs[i] == specs[i % p] for i in range(n)))
 
 
+def deepspeed_engines(hw) -> list[Engine]:
+    """The DeepSpeed engines of the space: ZeRO stages 1-3 with and without optimizer offload, stage 3
+    also with parameter offload, and stage 3's optimizer offload split at the host shares of
+    OFFLOAD_RATIOS and at the balanced one (`cost.balanced_offload_ratio`, to two places)."""
+    balanced = round(balanced_offload_ratio(hw), 2)
+    ratios = sorted({*OFFLOAD_RATIOS, *([balanced] if 0 < balanced < 1 else [])})
+    engines = []
+    for stage in ZERO_STAGES:
+        for params in (False, True) if stage == 3 else (False,):
+            engines.append(Engine("deepspeed", stage, offload_params=params))
+            engines += [Engine("deepspeed", stage, offload_optimizer=True, offload_params=params, offload_ratio=r)
+                        for r in (ratios if stage == 3 else (1.0,))]
+    return engines
+
+
+def deepspeed_plans(hw, model_cfg, world: int, global_batch: int, space: Space = Space()) -> list[Plan]:
+    """Every whole-model DeepSpeed plan of the space: an engine of `deepspeed_engines`, micro-batches of
+    b sequences (a multiple of the world: ZeRO gives every rank an equal share) and every layer
+    checkpointed or none."""
+    if "deepspeed" not in space.engines:
+        return []
+    return [deepspeed_plan(model_cfg, world, e.zero_stage, offload_optimizer=e.offload_optimizer,
+                           offload_params=e.offload_params, offload_ratio=e.offload_ratio,
+                           checkpoint="full" if checkpoint else "none", micro_batch_size=b,
+                           num_micro_batches=global_batch // b)
+            for b in _divisors(global_batch) if b % world == 0 and b % space.micro_batch_multiple == 0
+            for e in deepspeed_engines(hw) for checkpoint in space.checkpoints]
+
+
+def best_deepspeed(hw, work: Workload, model_cfg, world: int, space: Space = Space()):
+    """The fastest DeepSpeed plan that fits and its prediction, or None (of equals, the first of `deepspeed_plans`)."""
+    fitting = [(prediction, plan) for plan in deepspeed_plans(hw, model_cfg, world, work.global_batch, space)
+               if (prediction := predict(hw, work, plan)).fits]
+    if not fitting:
+        return None
+    prediction, plan = min(fitting, key=lambda pair: pair[0].step_seconds)
+    return plan, prediction
+
+
+def choose(native, deepspeed, hw, space: Space) -> tuple[Plan, object, str]:
+    """(plan, prediction, why) of the faster of the best native and the best DeepSpeed (plan, prediction),
+    either None if none fits; native on a tie (within rounding: the same terms summed in another order)."""
+    if deepspeed is None:
+        why = "native plans only (--engines)" if "deepspeed" not in space.engines else "no DeepSpeed plan fits"
+        return *native, f"{why}; predicted {native[1].step_seconds:.4g} s/step"
+    if native is None:
+        why = ("DeepSpeed plans only (--engines)" if "native" not in space.engines else
+               f"the only plan under the memory limit: no native plan fits in {human_bytes(hw.memory)} per device")
+        return *deepspeed, f"{why}; predicted {deepspeed[1].step_seconds:.4g} s/step"
+    ds, nat = deepspeed[1].step_seconds, native[1].step_seconds
+    if ds < nat * (1 - 1e-9):
+        return *deepspeed, f"predicted faster: {ds:.4g} s/step against {nat:.4g} s for the best native plan"
+    return *native, (f"predicted {nat:.4g} s/step against {ds:.4g} s for the best DeepSpeed plan "
+                     f"({engine_summary(deepspeed[0].engine)})")
+
+
 def plan_search(hw, work: Workload, model_cfg, world: int, space: Space = Space()) -> SearchResult:
-    """The fastest plan that fits and the fastest uniform one, with their predictions.
+    """The fastest plan that fits, native or DeepSpeed, the fastest uniform native one, with their predictions.
 
     The uniform search runs first: its plan is in the per-layer space too (one layout everywhere,
     even stages), so its step time bounds the per-layer search from the start."""
@@ -532,34 +609,55 @@ def plan_search(hw, work: Workload, model_cfg, world: int, space: Space = Space(
                           f"{space.micro_batch_multiple} ranks an equal share of every micro-batch)")
     began = time.perf_counter()
     planner = Planner(hw, work, model_cfg, world, space)
-    uniform = planner.search(work.global_batch, uniform_only=True)
-    bound = uniform[1] * (1 + 1e-9) if uniform else math.inf  # a per-layer plan as fast as it is found too
-    found = planner.search(work.global_batch, bound=bound) or uniform
-    if found is None:
+    uniform = found = None
+    if "native" in space.engines:
+        uniform = planner.search(work.global_batch, uniform_only=True)
+        bound = uniform[1] * (1 + 1e-9) if uniform else math.inf  # a per-layer plan as fast as it is found too
+        found = planner.search(work.global_batch, bound=bound) or uniform
+    native = None
+    if found is not None:
+        native = found[0], predict(hw, work, found[0])
+        if not math.isclose(found[1], native[1].step_seconds, rel_tol=1e-9):
+            raise AssertionError(f"the search scored its plan {found[1]} s, the cost model {native[1].step_seconds} s")
+    deepspeed = best_deepspeed(hw, work, model_cfg, world, space)
+    if native is None and deepspeed is None:
         raise ConfigError(_infeasible(planner, work))
-    plan, value, visited = found
-    prediction = predict(hw, work, plan)
-    if not math.isclose(value, prediction.step_seconds, rel_tol=1e-9):
-        raise AssertionError(f"the search scored its plan {value} s, the cost model {prediction.step_seconds} s")
+    plan, prediction, reason = choose(native, deepspeed, hw, space)
+    if plan.engine.deepspeed:
+        plan.notes = f"planner chose deepspeed: {reason}"
     plan.predicted = Predicted(step_time_s=prediction.step_seconds, peak_memory_bytes=int(max(prediction.memory_per_rank)),
                                stage_peak_memory_bytes=[int(b) for b in prediction.memory_per_rank])
     return SearchResult(plan=plan, prediction=prediction, uniform_plan=uniform[0] if uniform else None,
                         uniform_prediction=predict(hw, work, uniform[0]) if uniform else None,
-                        seconds=time.perf_counter() - began, visited=visited)
+                        seconds=time.perf_counter() - began, visited=found[2] if found else 0,
+                        native_prediction=native[1] if native else None,
+                        deepspeed_plan=deepspeed[0] if deepspeed else None,
+                        deepspeed_prediction=deepspeed[1] if deepspeed else None, reason=reason)
 
 
 def _infeasible(planner: Planner, work: Workload) -> str:
-    """Why nothing fits: the least memory a device needs under the most frugal plan of the space
-    (every layer fsdp with full checkpointing at its largest tensor degree, the deepest pipeline)."""
-    least = math.inf
-    for s in pipeline_settings(planner.cfg, planner.world, work.global_batch, planner.hw.max_tp, planner.space):
+    """Why nothing fits: the least memory a device needs under the most frugal plans of the space
+    (native: every layer fsdp with full checkpointing at its largest tensor degree, the deepest
+    pipeline; DeepSpeed: every plan whose offloaded bytes fit on the host)."""
+    hw, least = planner.hw, math.inf
+    settings = pipeline_settings(planner.cfg, planner.world, work.global_batch, hw.max_tp, planner.space)
+    for s in settings if "native" in planner.space.engines else []:
         if not all(planner.options(i, s) for i in range(len(planner.specs))):
             continue
         frugal = [min(planner.options(i, s), key=lambda o: (o.dp != "fsdp", not o.checkpoint, -o.tp, -o.ep))
                   for i in range(len(planner.specs))]
         plan = plan_of(s, planner.world, frugal, even_stages(len(frugal), s.chunks))
-        least = min(least, max(predict(planner.hw, work, plan).memory_per_rank) * s.virtual)
+        least = min(least, max(predict(hw, work, plan).memory_per_rank) * s.virtual)
+    for plan in deepspeed_plans(hw, planner.cfg, planner.world, work.global_batch, planner.space):
+        prediction = predict(hw, work, plan)
+        if not hw.separate_host:  # the device is the host: the offloaded bytes need its memory too
+            least = min(least, max(prediction.memory_per_rank) + prediction.host_bytes)
+        elif prediction.host_bytes <= hw.host_memory:
+            least = min(least, max(prediction.memory_per_rank))
+    if least == math.inf:
+        return (f"no plan fits: no plan of the search space splits a global batch of {work.global_batch} sequences "
+                f"over {planner.world} ranks (DeepSpeed's micro-batches are multiples of the world size)")
+    deepspeed = ", DeepSpeed ZeRO-3 with offload" if "deepspeed" in planner.space.engines else ""
     return (f"no plan fits: even the most frugal plan of the search space (fsdp where allowed, full checkpointing, "
-            f"the widest tensor and expert degrees, the deepest pipeline) needs {human_bytes(least)} per device; {human_bytes(planner.hw.memory)} available")
-
-
+            f"the widest tensor and expert degrees, the deepest pipeline{deepspeed}) needs {human_bytes(least)} per "
+            f"device; {human_bytes(hw.memory)} available")

@@ -150,6 +150,19 @@ def test_optimizer_seconds_scale_with_parameters(measured):
     assert measured.optimizer_seconds(2 * 10**6) == pytest.approx(2 * measured.optimizer_seconds(10**6))
 
 
+def test_host_figures_for_offload(measured):
+    """The ranks are their own host: a copy at memory speed, torch's AdamW (the optimizer step) unless
+    DeepSpeed's CPU Adam op was prebuilt."""
+    host = measured.host
+    assert not host.separate_device and host.copy_bandwidth > 1e8
+    assert host.pinned_copy_bandwidth is None or host.pinned_copy_bandwidth > 1e8
+    if profiling.deepspeed_cpu_adam_prebuilt():
+        assert host.adam == profiling.DEEPSPEED_ADAM and host.adam_seconds_per_param > 0
+    else:
+        assert host.adam == profiling.TORCH_ADAM and "not prebuilt" in host.note
+        assert host.adam_seconds_per_param == measured.optimizer_seconds_per_param
+
+
 def test_measured_cluster_spec(measured):
     spec = measured.cluster()
     assert (spec.nodes, spec.devices_per_node, spec.world) == (1, 2, 2)
