@@ -52,10 +52,18 @@ from stratagem.train.optim import build_optimizer, param_groups
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 
 
-def deepspeed_config(plan: Plan, train_config) -> dict:
-    """The DeepSpeed JSON for `plan`, the user's ``engine.config`` laid over the generated one."""
+# DeepSpeed's default bucket (5e8 elements) is allocated whole, in float32 2 GB per bucket: a model
+# smaller than that gets buckets of its own size.
+DEFAULT_BUCKET = 500_000_000
+
+
+def deepspeed_config(plan: Plan, train_config, parameters: int = DEFAULT_BUCKET) -> dict:
+    """The DeepSpeed JSON for `plan` and a model of `parameters`, the user's ``engine.config``
+    laid over the generated one."""
     engine, pipe = plan.engine, plan.pipeline
-    zero: dict = {"stage": engine.zero_stage}
+    bucket = min(DEFAULT_BUCKET, parameters)
+    zero: dict = {"stage": engine.zero_stage, "reduce_bucket_size": bucket}
+    zero.update({"stage3_prefetch_bucket_size": bucket} if engine.zero_stage == 3 else {"allgather_bucket_size": bucket})
     if engine.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
         if engine.offload_ratio < 1:
@@ -142,7 +150,7 @@ class DeepSpeedRun(Engine):
     def __init__(self, model: Transformer, plan: Plan, train_config):
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         self.micro_batches = plan.pipeline.num_micro_batches
-        self.config = deepspeed_config(plan, train_config)
+        self.config = deepspeed_config(plan, train_config, sum(p.numel() for p in model.parameters()))
         self.state_module = copy.deepcopy(model)  # the shadow: what optimizer and checkpoints see
         self._model, self._train_config, self._host_split = model, train_config, plan.engine.offload_ratio < 1
         self._ds = None  # the DeepSpeed engine, started at the first step
@@ -213,7 +221,7 @@ class DeepSpeedRun(Engine):
         return dict(self.state_module.named_parameters())
 
     def _named_parameters(self):
-        return [(_plain_name(name), p) for name, p in self._ds.module.named_parameters() if p.requires_grad]
+        return [(plain_name(name), p) for name, p in self._ds.module.named_parameters() if p.requires_grad]
 
     # -- what the loop drives ---------------------------------------------------------------------
 
@@ -279,12 +287,12 @@ class DeepSpeedRun(Engine):
                                               for key in ADAM_STATES}}
             saved = self.state_module.state_dict()  # persistent buffers (MoE expert biases), not caches
             for name, buffer in self._ds.module.named_buffers():
-                if _plain_name(name) in saved:
-                    saved[_plain_name(name)].copy_(buffer)
+                if plain_name(name) in saved:
+                    saved[plain_name(name)].copy_(buffer)
         return self.state_module, optimizer
 
 
-def _plain_name(name: str) -> str:
+def plain_name(name: str) -> str:
     """A parameter's name in the single-device model (without activation checkpointing's wrapper)."""
     return name.replace("._checkpoint_wrapped_module", "")
 

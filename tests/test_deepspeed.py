@@ -115,7 +115,8 @@ def test_a_users_deepspeed_json_is_laid_over_the_generated_one(root):
     launched(root, 2)
     assert_like_one_process(root, "user-json")
     written = json.loads((root / "user-json" / "deepspeed.json").read_text())
-    assert written["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 4096}
+    zero = written["zero_optimization"]
+    assert zero["stage"] == 3 and zero["reduce_bucket_size"] == 4096  # the user's bucket over the generated one
     assert written["gradient_accumulation_steps"] == 2
 
 
@@ -178,3 +179,6 @@ def test_the_generated_json_follows_the_plan(tmp_path):
     assert generated["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert generated["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert generated["gradient_clipping"] == cfg.train.grad_clip
+    assert generated["zero_optimization"]["reduce_bucket_size"] == 500_000_000  # DeepSpeed's default, for a large model
+    small = deepspeed_config(plan(cfg, 4, 2), cfg.train, parameters=1000)["zero_optimization"]
+    assert small["reduce_bucket_size"] == small["allgather_bucket_size"] == 1000
