@@ -198,6 +198,17 @@ def cmd_convert_hf_import(args, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_convert_deepspeed(args, overrides: list[str]) -> int:
+    from stratagem.launcher.config import load_config
+    from stratagem.parallel.deepspeed_checkpoint import convert_deepspeed_checkpoint
+
+    config = load_config(args.config, overrides)
+    out = convert_deepspeed_checkpoint(Path(args.ds_dir), Path(args.out), config, tag=args.tag)
+    print(f"{out}: {args.ds_dir}'s DeepSpeed checkpoint as a stratagem checkpoint of {args.config}; a run resumes "
+          f"from it in <run>/checkpoints/, or branches off it with run.init_from = \"{out}\"")
+    return 0
+
+
 def cmd_profile(args, overrides: list[str]) -> int:
     from stratagem.launcher.profile import ensure_profile
 
@@ -534,6 +545,22 @@ def build_parser() -> argparse.ArgumentParser:
     imported.add_argument("folder", help="a Hugging Face Llama folder")
     imported.add_argument("--out", required=True, help="the folder to write (new or empty)")
     imported.set_defaults(func=cmd_convert_hf_import)
+    deepspeed = convert.add_parser("deepspeed", help="a DeepSpeed checkpoint (engine.save_checkpoint) to a stratagem one",
+                                   description="Read DeepSpeed's checkpoint DS_DIR/TAG (ZeRO 1, 2 or 3) with DeepSpeed's "
+                                               "own tools and write its weights, Adam's moments and step N as the "
+                                               "stratagem checkpoint OUT_STEP_DIR (.../step-N) of --config, the "
+                                               "config the DeepSpeed run trained. DeepSpeed does not save the rest: "
+                                               "the schedule, the optimizer's settings and the data position are "
+                                               "those of a run of --config after N steps (its data is read to find "
+                                               "the position).")
+    deepspeed.add_argument("ds_dir", metavar="DS_DIR", help="the folder DeepSpeed saved into (latest, global_stepN/)")
+    deepspeed.add_argument("out", metavar="OUT_STEP_DIR",
+                           help="the new checkpoint directory, e.g. runs/NAME/checkpoints/step-N")
+    deepspeed.add_argument("--config", required=True,
+                           help="a .toml file or the name of a shipped config; overrides --section.key=value follow")
+    deepspeed.add_argument("--tag", default=None,
+                           help="the checkpoint to read, e.g. global_step1000 (default: the one DS_DIR/latest names)")
+    deepspeed.set_defaults(func=cmd_convert_deepspeed, takes_overrides=True)
 
     profile = sub.add_parser("profile", help="measure this machine for the planner: layer times, collectives, memory",
                              description="Measure, on --ranks local ranks at once (gloo on CPUs), the forward and "

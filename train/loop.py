@@ -66,7 +66,7 @@ def prepare_run_dir(config: Config, resume: bool) -> Path | None:
     return None
 
 
-def _branch_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+def branch_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
                      settings: list[dict], tc: TrainConfig, step: int) -> None:
     """Put a branch on its own schedule at `step`: the loaded optimizer carries the settings (lr,
     betas, weight decay ...) of the run it was saved by, so they go back to this config's
@@ -141,7 +141,7 @@ def train(config: Config, resume: bool = False, stop_after: int | None = None,
         if latest.parent == run_dir / "checkpoints":
             scheduler.load_state_dict(state.scheduler)
         else:  # run.init_from: another run's checkpoint
-            _branch_schedule(optimizer, scheduler, settings, tc, start)
+            branch_schedule(optimizer, scheduler, settings, tc, start)
 
     engine.start(optimizer)
 
