@@ -213,9 +213,9 @@ def memory_step(timer: StepTimer) -> dict:
     """One more step of `timer`'s plan, its memory measured (see the module docstring)."""
     batches = timer.batches[len(timer.losses) % len(timer.batches)]
     dist.barrier()
-    state = ModelState(timer.parallel.modules, timer.optimizer)
+    state = ModelState(timer.engine.modules, timer.optimizer)
     live = state.storages()  # what is live as the step starts: model states, buffers, the batch
-    for tensor in [*(b for module in timer.parallel.modules for b in module.buffers()), *batches]:
+    for tensor in [*(b for module in timer.engine.modules for b in module.buffers()), *batches]:
         _storages(tensor, live)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, ModelStatePeak(state) as tracker:
         timer.losses.append(timer.run_step(batches))

@@ -35,17 +35,21 @@ MAX_NORM = 1.0
 
 class StepTimer:
     """One plan's model, AdamW and fixed random batches on this rank, and the times of its steps:
-    what `train.loop` runs per step (train_step, clipping, AdamW, zero_grad)."""
+    what `train.loop` runs per step (train_step, clipping and AdamW, zero_grad), under the plan's
+    engine (the native runtime, or DeepSpeed)."""
 
     def __init__(self, cfg, plan, seq_len: int, seed: int = 0):
         from stratagem.model import Transformer
+        from stratagem.parallel.deepspeed_engine import DeepSpeedRun
         from stratagem.parallel.runtime import parallelize
         from stratagem.train.config import TrainConfig
         from stratagem.train.optim import build_optimizer
 
         torch.manual_seed(seed)
-        self.parallel = parallelize(Transformer(cfg), plan)
-        self.optimizer = build_optimizer(self.parallel.state_module, TrainConfig())
+        model, settings = Transformer(cfg), TrainConfig()
+        self.engine = DeepSpeedRun(model, plan, settings) if plan.engine.deepspeed else parallelize(model, plan)
+        self.optimizer = build_optimizer(self.engine.state_module, settings)
+        self.engine.start(self.optimizer)
         generator = torch.Generator().manual_seed(seed + 1)
         pipe = plan.pipeline
         self.batches = [[torch.randint(cfg.vocab_size, (pipe.micro_batch_size, seq_len + 1), generator=generator)
@@ -53,10 +57,9 @@ class StepTimer:
         self.seconds, self.losses = [], []
 
     def run_step(self, batches) -> float:
-        loss = self.parallel.train_step(batches)
-        self.parallel.clip_grad_norm_(MAX_NORM)
-        self.optimizer.step()
-        self.parallel.after_optimizer_step()
+        loss = self.engine.train_step(batches)
+        self.engine.step(self.optimizer, MAX_NORM)
+        self.engine.after_optimizer_step()
         return loss
 
     def step(self, timed: bool) -> None:
