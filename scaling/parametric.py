@@ -157,8 +157,9 @@ def _bootstrap(problem: _Problem, best_start: np.ndarray, best_x: np.ndarray, n:
                seed: int) -> np.ndarray:
     """One law per resample: the better optimum from the full fit's optimum and from its grid start."""
     out = np.empty((count, len(NAMES)))
+    drawn = resamples(n, count, seed)
     for lo in range(0, count, RESAMPLE_BATCH):
-        index = resamples(n, count, seed)[lo:lo + RESAMPLE_BATCH]
+        index = drawn[lo:lo + RESAMPLE_BATCH]
         counts = np.stack([np.bincount(row, minlength=n) for row in index]).astype(float)
         runs = [problem.solve(np.tile(start, (len(index), 1)), counts) for start in (best_x, best_start)]
         x = np.where((runs[0].f <= runs[1].f)[:, None], runs[0].x, runs[1].x)

@@ -56,9 +56,6 @@ class RunInfo:
     """What the report says about one run directory beyond its points."""
 
     name: str
-    family: str
-    tokenizer: str
-    counts: dict
     entropy: float | None  # the synthetic corpus's exact loss floor (nats/token), None for real data
 
 
@@ -106,7 +103,6 @@ def _expand(paths: Iterable[str | Path]) -> list[Path]:
 
 def _load_run(run_dir: Path, loss: str) -> tuple[list[Point], RunInfo]:
     from stratagem.launcher.config import load_config
-    from stratagem.model.counts import count_model
 
     counts_file, config_file = run_dir / "model_counts.json", run_dir / "config.toml"
     for needed in (counts_file, config_file):
@@ -117,8 +113,8 @@ def _load_run(run_dir: Path, loss: str) -> tuple[list[Point], RunInfo]:
     except json.JSONDecodeError as err:
         raise ScalingInputError(f"{counts_file}: not JSON: {err}") from None
     config = load_config(str(config_file))
-    layers = count_model(config.model, config.data.seq_len).layers
-    family = model_family((c.mixer for c in layers), (c.ffn for c in layers))
+    specs = config.model.layer_specs()
+    family = model_family((spec.mixer for spec in specs), (spec.ffn for spec in specs))
     tokenizer, entropy = _data_identity(config)
     params = {kind: float(counts[f"{kind}_params"]) for kind in PARAM_KINDS}
     rows = _read_metrics(run_dir / "metrics.jsonl")
@@ -133,7 +129,7 @@ def _load_run(run_dir: Path, loss: str) -> tuple[list[Point], RunInfo]:
                             family=family, tokenizer=tokenizer))
     if points:
         points[-1] = dataclasses.replace(points[-1], final=True)
-    return points, RunInfo(run_dir.name, family, tokenizer, counts, entropy)
+    return points, RunInfo(run_dir.name, entropy)
 
 
 def _read_metrics(path: Path) -> list[dict]:
