@@ -246,15 +246,36 @@ def cmd_plan_check(args, overrides: list[str]) -> int:
 
 
 def cmd_plan_new(args, overrides: list[str]) -> int:
-    from stratagem.parallel.plan import dump_plan, summary, uniform_plan
+    from stratagem.parallel.plan import check_plan, deepspeed_plan, dump_plan, summary, uniform_plan
 
     out = Path(args.out)
     if out.exists() and not args.force:
         raise ConfigError(f"{out}: already exists; pass --force to replace it")
-    plan = uniform_plan(_flavor_or_config(args.model, overrides).model, args.world, tp=args.tp, pp=args.pp,
-                        dp=args.dp, checkpoint=args.checkpoint, ep=args.ep, virtual_stages=args.virtual_stages,
-                        schedule=args.schedule, micro_batch_size=args.micro_batch_size,
-                        num_micro_batches=args.micro_batches, notes=f"uniform plan for {args.model}")
+    model = _flavor_or_config(args.model, overrides).model
+    native_only = {"--tp": args.tp != 1, "--pp": args.pp != 1, "--ep": args.ep != 1, "--dp": args.dp is not None,
+                   "--tp-impl": args.tp_impl != "dtensor", "--virtual-stages": args.virtual_stages != 1}
+    deepspeed_only = {"--offload-optimizer": args.offload_optimizer, "--offload-params": args.offload_params,
+                      "--offload-ratio": args.offload_ratio != 1.0, "--deepspeed-config": bool(args.deepspeed_config)}
+    if args.zero_stage is not None:
+        given = [flag for flag, set_ in native_only.items() if set_]
+        if given:
+            raise ConfigError(f"{given[0]}: a DeepSpeed plan (--zero-stage) runs ZeRO over all ranks, with no "
+                              f"tensor, pipeline or expert parallelism of stratagem's")
+        plan = deepspeed_plan(model, args.world, args.zero_stage, offload_optimizer=args.offload_optimizer,
+                              offload_params=args.offload_params, offload_ratio=args.offload_ratio,
+                              config=args.deepspeed_config, checkpoint=args.checkpoint,
+                              micro_batch_size=args.micro_batch_size, num_micro_batches=args.micro_batches or 1,
+                              notes=f"deepspeed plan for {args.model}")
+    else:
+        given = [flag for flag, set_ in deepspeed_only.items() if set_]
+        if given:
+            raise ConfigError(f"{given[0]}: a DeepSpeed setting; add --zero-stage 1, 2 or 3 for a DeepSpeed plan")
+        plan = uniform_plan(model, args.world, tp=args.tp, pp=args.pp, dp=args.dp or "ddp",
+                            checkpoint=args.checkpoint, ep=args.ep, virtual_stages=args.virtual_stages,
+                            schedule=args.schedule, micro_batch_size=args.micro_batch_size,
+                            num_micro_batches=args.micro_batches, notes=f"uniform plan for {args.model}")
+        plan.tp_impl = args.tp_impl
+        check_plan(plan, model)
     dump_plan(plan, out)
     print(f"wrote {out}: {summary(plan)}")
     return 0
@@ -419,7 +440,7 @@ def _config_argument(parser: argparse.ArgumentParser, default: str = DEFAULT_CON
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from stratagem.parallel.plan import CHECKPOINTS, DP_KINDS, ENGINES, SCHEDULES  # no torch
+    from stratagem.parallel.plan import CHECKPOINTS, DP_KINDS, ENGINES, SCHEDULES, TP_IMPLS, ZERO_STAGES  # no torch
 
     parser = argparse.ArgumentParser(
         prog="stratagem",
@@ -600,9 +621,21 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--world", type=int, required=True, metavar="N", help="number of ranks")
     new.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
     new.add_argument("--pp", type=int, default=1, help="pipeline degree (default 1)")
-    new.add_argument("--dp", choices=DP_KINDS, default="ddp",
+    new.add_argument("--dp", choices=DP_KINDS, default=None,
                      help="data-parallel kind: ddp replicated, zero2 sharded grads and optimizer, "
                           "fsdp fully sharded (default ddp)")
+    new.add_argument("--tp-impl", choices=TP_IMPLS, default="dtensor",
+                     help="tensor-parallel layers: dtensor (every layer type) or megatron (megatron-core's, "
+                          "attention and mlp; default dtensor)")
+    new.add_argument("--zero-stage", type=int, choices=ZERO_STAGES, default=None,
+                     help="a DeepSpeed plan instead: the whole model under ZeRO stage 1, 2 or 3 over all ranks")
+    new.add_argument("--offload-optimizer", action="store_true",
+                     help="DeepSpeed: optimizer states and their update in host memory")
+    new.add_argument("--offload-params", action="store_true", help="DeepSpeed stage 3: parameters in host memory")
+    new.add_argument("--offload-ratio", type=float, default=1.0,
+                     help="DeepSpeed stage 3 with --offload-optimizer: share of the update on the host (default 1)")
+    new.add_argument("--deepspeed-config", default="", metavar="JSON",
+                     help="DeepSpeed: your DeepSpeed JSON, laid over the generated one")
     new.add_argument("--ep", type=int, default=1, help="expert-parallel degree of the moe layers (default 1)")
     new.add_argument("--checkpoint", choices=CHECKPOINTS, default="none", help="activation checkpointing")
     new.add_argument("--virtual-stages", type=int, default=1, help="model stages per pipeline rank (default 1)")

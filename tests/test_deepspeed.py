@@ -20,10 +20,13 @@ from __future__ import annotations
 import functools
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from stratagem.errors import ConfigError
+from stratagem.launcher.config import dump_toml
 from stratagem.parallel.deepspeed_engine import deepspeed_config
 from stratagem.parallel.plan import deepspeed_plan
 from stratagem.parallel.runtime import check_train_plan, default_plan
@@ -132,6 +135,23 @@ def test_one_process_resumes_a_deepspeed_checkpoint(root):
     assert [step for step, *_ in losses(moved)] == [1, 2, 3]
     train(config(root, "deepspeed-then-one-process"), resume=True)
     assert_like_one_process(root, "deepspeed-then-one-process")
+
+
+def test_the_cli_trains_under_a_deepspeed_plan(root, tmp_path):
+    """`stratagem plan new --zero-stage` then `stratagem train --plan` on local ranks, as a user runs it."""
+    plan_file = tmp_path / "zero2.json"
+    cli = [sys.executable, "-m", "stratagem.launcher.cli"]
+    made = subprocess.run([*cli, "plan", "new", "--model", "tiny", "--world", "2", "--zero-stage", "2",
+                           "--micro-batch-size", "8", "--micro-batches", "2", "--out", str(plan_file)],
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    config_file = tmp_path / "config.toml"  # the reference's config
+    config_file.write_text(dump_toml(config(root, "cli").to_dict()))
+    done = subprocess.run([*cli, "train", str(config_file), "--plan", str(plan_file)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_like_one_process(root, "cli")
+    assert json.loads((root / "cli" / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 2
 
 
 # --- bad input: one line each, before any process starts ----------------------------------------

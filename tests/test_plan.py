@@ -425,6 +425,32 @@ def test_cli_errors_are_one_line_with_status_2(tmp_path, capsys):
                                        "ffn_hidden = 191 of layer 2 (mlp)\n")
 
 
+def test_cli_new_writes_deepspeed_and_megatron_plans(tmp_path, capsys):
+    path = tmp_path / "ds.json"
+    assert main(["plan", "new", "--model", "tiny", "--world", "4", "--zero-stage", "3", "--offload-optimizer",
+                 "--offload-ratio", "0.5", "--micro-batch-size", "8", "--out", str(path)]) == 0
+    plan = load_plan(path)
+    assert plan.engine == Engine(kind="deepspeed", zero_stage=3, offload_optimizer=True, offload_ratio=0.5)
+    assert {layer.dp for layer in plan.layers} == {"fsdp"}
+    assert "deepspeed ZeRO-3, optimizer offloaded (50% of the update on the host)" in capsys.readouterr().out
+    assert main(["plan", "new", "--model", "tiny", "--world", "2", "--tp", "2", "--tp-impl", "megatron",
+                 "--out", str(tmp_path / "megatron.json")]) == 0
+    assert load_plan(tmp_path / "megatron.json").tp_impl == "megatron"
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--zero-stage", "2", "--tp", "2"], "--tp: a DeepSpeed plan (--zero-stage) runs ZeRO over all ranks, with no "
+                                         "tensor, pipeline or expert parallelism of stratagem's"),
+    (["--offload-optimizer"], "--offload-optimizer: a DeepSpeed setting; add --zero-stage 1, 2 or 3 for a DeepSpeed plan"),
+    (["--zero-stage", "2", "--offload-params"], "deepspeed ZeRO-2 plan: engine.offload_params = true: parameter "
+                                                "offload needs ZeRO stage 3, engine.zero_stage is 2"),
+])
+def test_cli_new_refuses_mixed_engine_settings(tmp_path, capsys, args, expected):
+    assert main(["plan", "new", "--model", "tiny", "--world", "4", *args, "--out", str(tmp_path / "p.json")]) == 2
+    assert capsys.readouterr().err == f"stratagem: error: {expected}\n"
+    assert not (tmp_path / "p.json").exists()
+
+
 def test_cli_new_refuses_to_overwrite(tmp_path, capsys):
     out = tmp_path / "plan.json"
     out.write_text("mine")
