@@ -194,7 +194,8 @@ def cmd_convert_hf_import(args, overrides: list[str]) -> int:
     cfg = import_hf(args.folder, args.out)
     out = Path(args.out)
     print(f"{out / MODEL_CONFIG}: the [model] section ({cfg.n_layers} layers, dim {cfg.dim}, vocabulary "
-          f"{cfg.vocab_size}); {out / MODEL_WEIGHTS}: its weights (stratagem.model.huggingface.load_imported)")
+          f"{cfg.vocab_size}); {out / MODEL_WEIGHTS}: its weights: train from them with run.init_weights = "
+          f"\"{out / MODEL_WEIGHTS}\" and that [model] section")
     return 0
 
 

@@ -33,10 +33,16 @@ class RunConfig:
     # a checkpoint directory (<run>/checkpoints/step-N) of another run: a run without checkpoints of its own
     # starts from its weights, optimizer, data position and step N, continuing under this config (a decay branch)
     init_from: str = ""
+    # a weights file (a safetensors state dict of this model, as `stratagem convert hf-import` writes): a run
+    # without checkpoints of its own starts from these weights, with a fresh optimizer, data position and step 0
+    init_weights: str = ""
 
     def validate(self) -> None:
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise ConfigValueError("name", self.name, "must be a non-empty name without '/'")
+        if self.init_from and self.init_weights:
+            raise ConfigValueError("init_weights", self.init_weights, "a run starts from run.init_from (a checkpoint) "
+                                                                      "or from weights, not both")
 
 
 @dataclass

@@ -3,6 +3,7 @@ logits in transformers, imports back to the same weights, and other models are r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -128,3 +129,61 @@ def test_bad_folders_are_refused_in_one_line_without_writing(tmp_path, capsys):
     assert "model.toml: the [model] section (2 layers, dim 64" in capsys.readouterr().out
     assert main(["convert", "hf-export", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "not a checkpoint directory" in capsys.readouterr().err
+
+
+def imported_run_config(tmp_path, folder, **run):
+    """A config training the model of an `import_hf` folder (its [model] section) on the synthetic corpus."""
+    from stratagem.launcher.config import load_config
+
+    model = {key: value for key, value in dataclasses.asdict(load_config(str(folder / "model.toml")).model).items()
+             if value is not None}
+    return build_config({"model": model, "data": {"seq_len": SEQ_LEN},
+                         "train": {"micro_batch_size": 4, "global_batch_tokens": 4 * SEQ_LEN, "steps": 1,
+                                   "warmup_steps": 0, "eval_every": 0},
+                         "run": {"dir": str(tmp_path), **run}})
+
+
+def test_a_run_starts_from_imported_weights(tmp_path):
+    """`stratagem convert hf-import`, then a run with run.init_weights: its first step's loss is the
+    imported model's loss on that step's batch, not a freshly initialised model's."""
+    from stratagem.data.pipeline import build_train_batches
+    from stratagem.train.engine import loss_fn
+    from stratagem.train.loop import train
+
+    net, path = checkpoint(tmp_path, n_kv_heads=2)
+    export_hf(path, tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "imported")
+    config = imported_run_config(tmp_path, tmp_path / "imported", name="from-hf",
+                                 init_weights=str(tmp_path / "imported" / "weights.safetensors"), seed=5)
+    batch = build_train_batches(config.data, 4, 1, config.run.seed).next_step()[0]
+    with torch.no_grad():
+        expected = loss_fn(net, batch).item()
+    first = train(config).loss
+    assert first == pytest.approx(expected, rel=1e-6)
+    fresh = train(imported_run_config(tmp_path, tmp_path / "imported", name="fresh", seed=5)).loss
+    assert abs(fresh - expected) > 1e-3  # the weights made the difference
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda weights: weights.pop("norm.weight"), "has no tensor norm.weight, which the model has"),
+    (lambda weights: weights.update(extra=torch.zeros(1)), "has a tensor extra, which the model does not have"),
+    (lambda weights: weights.update({"norm.weight": torch.zeros(3)}), "norm.weight has shape (3,), the model's is (64,)"),
+])
+def test_weights_that_do_not_fit_the_model_are_refused_before_any_work(tmp_path, change, expected):
+    from safetensors.torch import save_file
+
+    from stratagem.errors import CheckpointError
+    from stratagem.train.loop import train
+
+    net, _ = checkpoint(tmp_path)
+    weights = dict(net.state_dict())
+    change(weights)
+    save_file(weights, tmp_path / "w.safetensors")
+    config = build_config({"model": SHAPE, "data": {"seq_len": SEQ_LEN},
+                           "train": {"micro_batch_size": 4, "global_batch_tokens": 4 * SEQ_LEN, "steps": 1,
+                                     "warmup_steps": 0},
+                           "run": {"dir": str(tmp_path), "name": "bad", "init_weights": str(tmp_path / "w.safetensors")}})
+    with pytest.raises(CheckpointError) as info:
+        train(config)
+    assert one_line(info) == f"run.init_weights = {str(tmp_path / 'w.safetensors')!r}: {expected}"
+    assert not (tmp_path / "bad").exists()

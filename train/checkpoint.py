@@ -186,6 +186,29 @@ def check_branch_point(path: Path, config: dict) -> None:
                               f"(train.steps = {steps})")
 
 
+def check_weights_file(path: Path, model: nn.Module) -> None:
+    """Check `run.init_weights` = `path` against `model` (reading only the file's header) before any
+    work: a safetensors file holding exactly the model's tensors, each of its shape."""
+    from safetensors import SafetensorError, safe_open
+
+    label = f"run.init_weights = {str(path)!r}"
+    if not path.is_file():
+        raise CheckpointError(f"{label}: no such weights file")
+    try:
+        with safe_open(str(path), "pt") as weights:
+            shapes = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{label}: not a safetensors file ({err})") from None
+    wanted = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    for key in sorted(wanted.keys() | shapes.keys()):
+        if key not in shapes:
+            raise CheckpointError(f"{label}: has no tensor {key}, which the model has")
+        if key not in wanted:
+            raise CheckpointError(f"{label}: has a tensor {key}, which the model does not have")
+        if shapes[key] != wanted[key]:
+            raise CheckpointError(f"{label}: {key} has shape {shapes[key]}, the model's is {wanted[key]}")
+
+
 def _stream_mismatch(saved: dict, config: dict) -> str | None:
     """The first setting that fixes the data stream's position and tokens per step (the data
     section, the batch in tokens, the seed) on which a branch differs from its checkpoint's run."""

@@ -21,7 +21,8 @@ from stratagem.parallel.plan import Plan, dump_plan
 from stratagem.parallel.deepspeed_engine import DeepSpeedRun
 from stratagem.parallel.runtime import default_plan, parallelize
 from stratagem.train.engine import OneProcess
-from stratagem.train.checkpoint import Checkpointer, TrainState, check_branch_point, check_resumable
+from stratagem.train.checkpoint import (Checkpointer, TrainState, check_branch_point, check_resumable,
+                                        check_weights_file)
 from stratagem.train.config import TrainConfig
 from stratagem.train.metrics import MetricsWriter, peak_memory_bytes, read_metrics
 from stratagem.train.optim import build_optimizer
@@ -47,7 +48,8 @@ def prepare_run_dir(config: Config, resume: bool) -> Path | None:
     """Check the run directory before any work: returns the checkpoint to start from, if any: the
     run's own newest, else `run.init_from` (another run's checkpoint this run branches from).
 
-    Without `resume`, a directory that already holds a run is refused rather than overwritten.
+    Without `resume`, a directory that already holds a run is refused rather than overwritten. A
+    run starting from `run.init_weights` has its weights file checked against the model here.
     """
     run_dir = run_dir_of(config)
     checkpoints = Checkpointer(run_dir / "checkpoints")
@@ -63,6 +65,9 @@ def prepare_run_dir(config: Config, resume: bool) -> Path | None:
         init_from = Path(config.run.init_from)
         check_branch_point(init_from, config.to_dict())
         return init_from
+    if config.run.init_weights:
+        with torch.device("meta"):
+            check_weights_file(Path(config.run.init_weights), Transformer(config.model))
     return None
 
 
@@ -111,6 +116,10 @@ def train(config: Config, resume: bool = False, stop_after: int | None = None,
 
     torch.manual_seed(config.run.seed)
     model = Transformer(config.model)
+    if latest is None and config.run.init_weights:  # a run's own or a branch's checkpoint overrides them
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(config.run.init_weights))
     if dist.is_initialized():
         plan = plan or default_plan(config, dist.get_world_size())
         if plan.engine.deepspeed:
