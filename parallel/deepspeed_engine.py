@@ -10,8 +10,10 @@ the same parameter groups (the *shadow*): the loop builds its optimizer and LR s
 shadow, checkpoints load into it and save from it. DeepSpeed itself starts lazily, at the first
 step, from the shadow's weights and moments; before a checkpoint is written, DeepSpeed's full
 fp32 weights and moments are gathered into the shadow (`checkpoint_state`; collective). The
-shadow costs one full copy of the weights and moments per rank at save time; DeepSpeed's
-partitioned state is what trains.
+shadow costs a full float32 copy of the weights on every rank, and of Adam's moments from the
+first save on (benchmarks/engines.py measures it): the price of checkpoints that move between
+engines, which a model too large to hold whole on a rank cannot pay (it would need the shadow
+sharded as DTensors, not done yet). DeepSpeed's partitioned state is what trains.
 
 Gradients and losses. Each rank takes its contiguous share of every global micro-batch and
 computes the mean token loss of its rows; DeepSpeed divides by the gradient-accumulation steps and
