@@ -8,7 +8,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from scipy.optimize import check_grad, minimize_scalar
+from scipy.optimize import minimize_scalar
 
 from stratagem.scaling.allocation import Law
 from stratagem.scaling.frontier import envelope, isoflop
@@ -24,8 +24,17 @@ FEW_STARTS = {"E": [0.0], "A": [4.0, 10.0], "alpha": [0.5], "B": [4.0, 10.0], "b
 NOISES = (0.005, 0.01, 0.02)
 
 
+def central_differences(f, x: np.ndarray, h: float = 1e-6) -> np.ndarray:
+    """The gradient of `f` at `x` by central differences: scipy's check_grad differences forward,
+    whose O(h f'') error near the Huber loss's kink (f'' = 1 / delta = 1000) reaches 1.5e-5."""
+    steps = h * np.eye(len(x))
+    return np.array([(f(x + step) - f(x - step)) / (2 * h) for step in steps])
+
+
 def test_gradient_matches_finite_differences():
-    rng = np.random.default_rng(fresh_seed(0))
+    """Measured over 1500 random points: central differences within 1.1e-8 of the analytic gradient."""
+    seed = fresh_seed(0)
+    rng = np.random.default_rng(seed)
     log_n, log_d = rng.uniform(15, 21, 40), rng.uniform(18, 24, 40)
     log_l, w = rng.uniform(0.5, 1.5, 40), rng.uniform(0.5, 2.0, 40)
     thetas = rng.normal([0.5, 6.0, 0.35, 6.0, 0.3], [0.3, 1.0, 0.05, 1.0, 0.05], size=(5, 5))
@@ -34,7 +43,8 @@ def test_gradient_matches_finite_differences():
         f = lambda t: objective(t[None], log_n, log_d, log_l, w)[0][0]  # noqa: E731
         g = lambda t: objective(t[None], log_n, log_d, log_l, w)[1][0]  # noqa: E731
         assert f(theta) == pytest.approx(value, rel=1e-12) and np.allclose(g(theta), grad, rtol=1e-12)  # a batch is its rows
-        assert check_grad(f, g, theta) < 1e-5 * max(1.0, np.linalg.norm(grad))
+        error = np.linalg.norm(central_differences(f, theta) - grad) / max(1.0, np.linalg.norm(grad))
+        assert error < 1e-6, f"{error:.2e} at {theta}, {describe(seed)}"
 
 
 @pytest.mark.parametrize("name", LAWS)
