@@ -1,10 +1,10 @@
 """The DeepSpeed engine (`parallel.deepspeed_engine`): ZeRO plans train like one process, and runs
 move between engines through stratagem's checkpoints.
 
-Every run goes through `train.loop` for 6 steps (16 sequences of 32 tokens a step, 2 micro-batches,
-gradient clipping active, evaluation and a checkpoint at step 3) and is compared with one process
-trained in the same micro-batches: every step's loss and evaluation, and the final weights read
-back from the run's own checkpoint (relative 1e-4, float32). One launch per world size runs all
+Every run goes through `train.loop` (16 sequences of 32 tokens a step, 2 micro-batches, gradient
+clipping active, evaluation and a checkpoint at step 3; 3 steps, or 6 where a run resumes) and is
+compared with one process trained in the same micro-batches: every step's loss and evaluation,
+and the final weights read back from the run's own checkpoint (relative 1e-4, float32). One launch per world size runs all
 its cases, to share the start-up:
 
 - ZeRO stages 1, 2 and 3, each with and without optimizer offload, on 2 and 4 ranks; stage 3
@@ -37,11 +37,12 @@ from tests.test_train import trained_weights
 
 FLAVORS = {"tiny": "--model.flavor=tiny", "moe": "--model.flavor=tiny-moe", "hybrid": "--model.flavor=tiny-hybrid"}
 SAME_MICRO_BATCHES = "--train.micro_batch_size=8"  # one process in the plans' micro-batches (MoE statistics are per micro-batch)
+ZERO_STEPS = 3  # the stage cases: 3 steps (evaluated and saved at step 3); resumption takes 6
 USER_JSON = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 4096}, "gradient_clipping": 1.0}
 
 
-def config(run_dir, name: str, flavor: str = "tiny"):
-    return config_for(run_dir, name, FLAVORS[flavor], SAME_MICRO_BATCHES)
+def config(run_dir, name: str, flavor: str = "tiny", steps: int = 6):
+    return config_for(run_dir, name, FLAVORS[flavor], SAME_MICRO_BATCHES, f"--train.steps={steps}")
 
 
 def plan(cfg, world: int, stage: int, **engine):
@@ -63,7 +64,7 @@ def zero_cases(world: int) -> dict:
 
 def ranks_train(rank: int, world: int, run_dir: str, user_json: str) -> None:
     for name, (flavor, stage, engine) in zero_cases(world).items():
-        cfg = config(run_dir, f"{name}-{world}", flavor)
+        cfg = config(run_dir, f"{name}-{world}", flavor, steps=ZERO_STEPS)
         train(cfg, plan=plan(cfg, world, stage, **engine))
     if world != 2:
         return
@@ -88,8 +89,8 @@ def launched(tmp_root, world: int):
 
 
 @functools.cache
-def reference(tmp_root, flavor: str):
-    cfg = config(tmp_root, f"one-process-{flavor}", flavor)
+def reference(tmp_root, flavor: str, steps: int = 6):
+    cfg = config(tmp_root, f"one-process-{flavor}-{steps}", flavor, steps)
     train(cfg)
     return losses(tmp_root / cfg.run.name), trained_weights(tmp_root / cfg.run.name, cfg)
 
@@ -99,17 +100,17 @@ def root(tmp_path_factory):
     return tmp_path_factory.mktemp("deepspeed")
 
 
-def assert_like_one_process(root, run: str, flavor: str = "tiny") -> None:
-    want_losses, want_weights = reference(root, flavor)
+def assert_like_one_process(root, run: str, flavor: str = "tiny", steps: int = 6) -> None:
+    want_losses, want_weights = reference(root, flavor, steps)
     assert_close(losses(root / run), want_losses)
-    assert_weights_close(trained_weights(root / run, config(root, run, flavor)), want_weights)
+    assert_weights_close(trained_weights(root / run, config(root, run, flavor, steps)), want_weights)
 
 
 @pytest.mark.parametrize("world,case", [(world, case) for world in (2, 4) for case in zero_cases(world)])
 def test_zero_trains_like_one_process(root, world, case):
     launched(root, world)
     flavor, stage, _ = zero_cases(world)[case]
-    assert_like_one_process(root, f"{case}-{world}", flavor)
+    assert_like_one_process(root, f"{case}-{world}", flavor, ZERO_STEPS)
     written = json.loads((root / f"{case}-{world}" / "deepspeed.json").read_text())
     assert written["zero_optimization"]["stage"] == stage and written["train_batch_size"] == 16
 
