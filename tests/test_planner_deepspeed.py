@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
 
 import numpy as np
 import pytest
@@ -18,9 +19,9 @@ from stratagem.launcher.cost import (FP32_ADAM, MIXED_ADAM, UnitLayout, Workload
                                      split_update_seconds, unit_cost, units, zero_state_bytes, zero_update_seconds)
 from stratagem.launcher.hardware import HOST_STATE_BYTES, Analytic
 from stratagem.launcher.profile import HostProfile, Profile, load_profile, this_machine
-from stratagem.launcher.search import Space, deepspeed_plans, plan_search
+from stratagem.launcher.search import Space, choose, deepspeed_plans, plan_search
 from stratagem.model import get_flavor
-from stratagem.parallel.plan import Engine, deepspeed_plan, load_plan
+from stratagem.parallel.plan import Engine, deepspeed_plan, load_plan, uniform_plan
 
 CFG = get_flavor("tiny")  # 2 attention/mlp layers, an untied head
 WORLD, SEQ, BATCH = 2, 64, 4
@@ -205,6 +206,19 @@ def test_equal_predictions_keep_the_native_plan():
     result = plan_search(hardware(), Workload.of(CFG, SEQ, 16), CFG, WORLD)
     assert not result.plan.engine.deepspeed
     assert result.deepspeed_prediction.step_seconds == pytest.approx(result.prediction.step_seconds, rel=1e-9)
+
+
+@pytest.mark.parametrize("deepspeed_seconds, chosen", [(0.97, "native"), (0.94, "deepspeed")])
+def test_deepspeed_must_be_predicted_clearly_faster_to_replace_a_native_plan(deepspeed_seconds, chosen):
+    """Its terms are not calibrated by the probes: a lead under ENGINE_MARGIN (5%) keeps native."""
+    native_plan = uniform_plan(CFG, WORLD, dp="fsdp")
+    deepspeed_plan_ = deepspeed_plan(CFG, WORLD, 3)
+    predicted = lambda seconds: types.SimpleNamespace(step_seconds=seconds)  # noqa: E731
+    plan, _, reason = choose((native_plan, predicted(1.0)), (deepspeed_plan_, predicted(deepspeed_seconds)),
+                             hardware(), Space())
+    assert plan.engine.kind == chosen
+    if chosen == "native":
+        assert reason.endswith("less than the 5% faster an engine switch needs)")
 
 
 def test_plan_search_command_says_why_it_chose_deepspeed(tmp_path, capsys):
